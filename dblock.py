@@ -1,0 +1,265 @@
+"""The DiffusionBlocks ViT: a label-space EDM denoiser whose layers are split into B blocks.
+
+Token 0 carries the noisy label state z (scaled by c_in); tokens 1..P are image patches. Every
+layer is modulated by the noise level through an adaptive LayerNorm (adaLN-Zero: each layer starts
+as the identity). Block b owns layers [b L/B, (b+1) L/B) and denoises the b-th noise range, block 0
+the highest noise. The stem (patch, position and label embeddings, noise MLP) and the head (final
+LayerNorm, final adaptive LayerNorm, classifier) are shared by all blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import edm
+from errors import UserError
+from vit import ArchConfig
+
+NOISE_FEATURES = 256  # width of the sinusoidal noise-level features
+
+
+@dataclass(frozen=True)
+class DBlockConfig:
+    """Block split and the released program's two switchable quirks."""
+
+    num_blocks: int = 3
+    gamma: float = 0.05  # log-space overlap between neighbouring blocks' training ranges
+    # Released quirk (a): loss = mean(CE) * mean(w) instead of the paper's mean(CE * w).
+    batch_mean_loss_weight: bool = True
+    # Released quirk (b): the inference bridge mixes RAW label-embedding rows, although training
+    # targets are the L2-normalised rows.
+    raw_embedding_bridge: bool = True
+    class_dropout_prob: float = 0.0  # training: probability of replacing an image by zeros (for CFG)
+
+    def validate(self, num_layers: int) -> None:
+        """Reject block splits and ranges the method cannot use, naming the flag to change."""
+        if self.num_blocks < 1:
+            raise UserError(f"--num_blocks must be >= 1, got {self.num_blocks}")
+        if num_layers % self.num_blocks:
+            raise UserError(
+                f"--num_hidden_layers {num_layers} is not divisible by --num_blocks {self.num_blocks}: "
+                "choose a block count that divides the depth"
+            )
+        if not 0.0 <= self.gamma < 0.5:
+            raise UserError(f"--gamma must be in [0, 0.5), got {self.gamma}")
+        if not 0.0 <= self.class_dropout_prob <= 1.0:
+            raise UserError(f"--class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
+
+
+def sinusoidal_features(x: torch.Tensor, dim: int = NOISE_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of scalars x (N,) -> (N, dim): cosine half then sine half."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[:, None] * freqs[None]  # (N, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class NoiseEmbedder(nn.Module):
+    """c_noise -> sinusoidal features -> Linear -> SiLU -> Linear -> SiLU: the conditioning vector (N, d_c)."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(NOISE_FEATURES, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, noise_cond: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.mlp(sinusoidal_features(noise_cond)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v projections and dropout on the attention probabilities."""
+
+    def __init__(self, arch: ArchConfig):
+        super().__init__()
+        d = arch.hidden_size
+        self.num_heads = arch.num_attention_heads
+        self.query, self.key, self.value, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.attn_dropout = arch.attention_probs_dropout_prob
+        self.out_dropout = nn.Dropout(arch.hidden_dropout_prob)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, D) -> (N, heads, T, D / heads)."""
+        n, t, d = x.shape
+        return x.view(n, t, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (N, heads, T, D / heads)
+        return self.out_dropout(self.out(y.transpose(1, 2).reshape(n, t, d)))
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear -> dropout."""
+
+    def __init__(self, arch: ArchConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(arch.hidden_size, arch.intermediate_size)
+        self.fc2 = nn.Linear(arch.intermediate_size, arch.hidden_size)
+        self.dropout = nn.Dropout(arch.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Adaptive LayerNorm modulation x * (1 + scale) + shift, broadcasting (N, D) over tokens."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLNLayer(nn.Module):
+    """Pre-LayerNorm transformer layer whose norms are modulated, and residuals gated, by the noise level."""
+
+    def __init__(self, arch: ArchConfig, cond_dim: int):
+        super().__init__()
+        d = arch.hidden_size
+        self.norm1 = nn.LayerNorm(d, eps=arch.layer_norm_eps)
+        self.attn = SelfAttention(arch)
+        self.norm2 = nn.LayerNorm(d, eps=arch.layer_norm_eps)
+        self.mlp = MLP(arch)
+        self.ada = nn.Linear(cond_dim, 6 * d)  # SiLU comes AFTER this projection (as released)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = F.silu(self.ada(c)).chunk(6, dim=-1)  # 6 x (N, D)
+        h = h + gate_a[:, None] * self.attn(modulate(self.norm1(h), shift_a, scale_a))
+        return h + gate_m[:, None] * self.mlp(modulate(self.norm2(h), shift_m, scale_m))
+
+
+class DiffusionBlocksViT(nn.Module):
+    """Label denoiser D(z; image, sigma) built from B independently trainable blocks of transformer layers."""
+
+    def __init__(self, *, arch: ArchConfig, num_labels: int, dcfg: DBlockConfig = DBlockConfig(), edm_cfg: edm.EDMConfig = edm.EDMConfig()):
+        super().__init__()
+        dcfg.validate(arch.num_hidden_layers)
+        self.arch, self.dcfg, self.edm_cfg = arch, dcfg, edm_cfg
+        d, cond_dim = arch.hidden_size, arch.hidden_size // 6
+        # Stem (shared)
+        self.patch_embed = nn.Conv2d(arch.num_channels, d, kernel_size=arch.patch_size, stride=arch.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, arch.num_patches + 1, d))
+        self.embed_dropout = nn.Dropout(arch.hidden_dropout_prob)
+        self.label_embed = nn.Embedding(num_labels, d)
+        self.noise_embed = NoiseEmbedder(cond_dim)
+        # Blocks
+        per_block = arch.num_hidden_layers // dcfg.num_blocks
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(AdaLNLayer(arch, cond_dim) for _ in range(per_block)) for _ in range(dcfg.num_blocks)
+        )
+        # Head (shared)
+        self.final_norm = nn.LayerNorm(d, eps=arch.layer_norm_eps)
+        self.final_ada = nn.Linear(cond_dim, 2 * d)
+        self.classifier = nn.Linear(d, num_labels)
+        self.reset_parameters()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def reset_parameters(self) -> None:
+        """ViT init (truncated normal 0.02, zero biases) with adaLN-Zero: modulations and classifier start at zero."""
+        std = self.arch.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=std)
+        nn.init.normal_(self.label_embed.weight, std=std)
+        for m in self.noise_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+        for layer in self.block_layers():
+            nn.init.zeros_(layer.ada.weight)
+            nn.init.zeros_(layer.ada.bias)
+        for m in (self.final_ada, self.classifier):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def block_layers(self):
+        """All transformer layers, block 0 first."""
+        return [layer for block in self.blocks for layer in block]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained on every step whichever block is drawn (stem and head)."""
+        in_blocks = {id(p) for p in self.blocks.parameters()}
+        return [p for p in self.parameters() if id(p) not in in_blocks]
+
+    def clean_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Training targets: L2-normalised label-embedding rows (gradient flows into the table)."""
+        return F.normalize(self.label_embed.weight, dim=-1)[labels]
+
+    def bridge_table(self) -> torch.Tensor:
+        """Embedding table the sampler mixes with the predicted class probabilities."""
+        table = self.label_embed.weight
+        return table if self.dcfg.raw_embedding_bridge else F.normalize(table, dim=-1)
+
+    def embed_tokens(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Token sequence (N, 1 + P, D): c_in-scaled label state, then patches, plus positions."""
+        patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, P, D)
+        label_token = (edm.append_dims(edm.c_in(sigma, self.edm_cfg.sigma_data), z.ndim) * z)[:, None]  # (N, 1, D)
+        return self.embed_dropout(torch.cat([label_token, patches], dim=1) + self.pos_embed)
+
+    def forward(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int) -> torch.Tensor:
+        """Logits (N, num_labels) of the denoised label state, running only `block`'s layers."""
+        sd = self.edm_cfg.sigma_data
+        c = self.noise_embed(edm.c_noise(sigma))  # (N, d_c)
+        h = self.embed_tokens(images, z, sigma)  # (N, 1 + P, D)
+        for layer in self.blocks[block]:
+            h = layer(h, c)
+        F_x = self.final_norm(h)[:, 0]  # (N, D)
+        D_x = edm.append_dims(edm.c_skip(sigma, sd), 2) * z + edm.append_dims(edm.c_out(sigma, sd), 2) * F_x
+        shift, scale = F.silu(self.final_ada(c)).chunk(2, dim=-1)
+        return self.classifier(D_x * (1 + scale) + shift)
+
+
+def training_loss(
+    model: DiffusionBlocksViT, images: torch.Tensor, labels: torch.Tensor, block: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted cross-entropy of one block on a batch: returns (loss, mean unweighted CE)."""
+    n, dcfg = labels.shape[0], model.dcfg
+    lo, hi = edm.widened_block_range(block, dcfg.num_blocks, dcfg.gamma, model.edm_cfg)
+    sigma = edm.sample_truncated_lognormal(n, lo, hi, cfg=model.edm_cfg, device=images.device, generator=generator)
+    target = model.clean_targets(labels)  # (N, D)
+    z = target + edm.append_dims(sigma, 2) * torch.randn(target.shape, device=target.device, generator=generator)
+    if model.training and dcfg.class_dropout_prob > 0:
+        keep = torch.rand(n, device=images.device, generator=generator) >= dcfg.class_dropout_prob
+        images = images * edm.append_dims(keep, images.ndim).to(images.dtype)
+    logits = model(images, z, sigma, block)
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
+    w = edm.loss_weight(sigma, model.edm_cfg.sigma_data)  # (N,)
+    loss = ce.mean() * w.mean() if dcfg.batch_mean_loss_weight else (ce * w).mean()
+    return loss, ce.mean()
+
+
+def guided_logits(model: DiffusionBlocksViT, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int, cfg_scale: float) -> torch.Tensor:
+    """Logits with classifier-free guidance cond + s * (cond - uncond); the unconditional input is an all-zero image."""
+    cond = model(images, z, sigma, block)
+    if cfg_scale == 0.0:
+        return cond
+    uncond = model(torch.zeros_like(images), z, sigma, block)
+    return cond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_logits(
+    model: DiffusionBlocksViT, images: torch.Tensor, num_steps: int, cfg_scale: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Euler sampler over the CDF-spaced sigma grid; each sigma is denoised by the block whose range holds it."""
+    sigmas = edm.inference_sigmas(num_steps, model.edm_cfg)
+    n, d = images.shape[0], model.arch.hidden_size
+    z = torch.randn(n, d, device=images.device, generator=generator) * math.sqrt(1.0 + sigmas[0] ** 2)
+    table = model.bridge_table()
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        block = edm.block_of_sigma(sigma, model.num_blocks, model.edm_cfg)
+        logits = guided_logits(model, images, z, torch.full((n,), sigma, device=images.device), block, cfg_scale)
+        denoised = logits.float().softmax(dim=-1) @ table.float()  # (N, D)
+        z = edm.euler_step(z, denoised, sigma, sigma_next)
+    last = sigmas[-1]
+    block = edm.block_of_sigma(last, model.num_blocks, model.edm_cfg)
+    return guided_logits(model, images, z, torch.full((n,), last, device=images.device), block, cfg_scale)

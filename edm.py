@@ -1,0 +1,159 @@
+"""EDM pieces for DiffusionBlocks (Karras et al. 2022 preconditioning, as used by the paper).
+
+Every function is pure and device-agnostic: tensors in, tensors out, on the caller's device and
+dtype. Names follow the EDM paper: sigma (noise level), sigma_data, P_mean, P_std, c_skip, c_out,
+c_in, c_noise. The paper's notation for the block partition: B blocks, block 0 handles the
+HIGHEST noise levels, block B-1 the lowest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SIGMA_DATA = 0.5
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+P_MEAN = -1.2
+P_STD = 1.2
+
+
+@dataclass(frozen=True)
+class EDMConfig:
+    """Constants of the noise distribution and preconditioning (defaults: the paper's)."""
+
+    sigma_data: float = SIGMA_DATA
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+    P_mean: float = P_MEAN
+    P_std: float = P_STD
+
+
+def append_dims(x: torch.Tensor, target_ndim: int) -> torch.Tensor:
+    """Append trailing singleton dimensions to x until it has target_ndim dimensions."""
+    return x.reshape(x.shape + (1,) * (target_ndim - x.ndim))
+
+
+def c_skip(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """EDM skip scaling sigma_data^2 / (sigma^2 + sigma_data^2)."""
+    return sigma_data**2 / (sigma**2 + sigma_data**2)
+
+
+def c_out(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """EDM output scaling sigma * sigma_data / sqrt(sigma^2 + sigma_data^2)."""
+    return sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
+
+
+def c_in(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """EDM input scaling 1 / sqrt(sigma^2 + sigma_data^2)."""
+    return 1.0 / torch.sqrt(sigma**2 + sigma_data**2)
+
+
+def c_noise(sigma: torch.Tensor) -> torch.Tensor:
+    """EDM noise conditioning ln(sigma) / 4."""
+    return torch.log(sigma) / 4.0
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """EDM loss weight (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2, i.e. 1 / c_out^2."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def _normal_cdf(x: float) -> float:
+    """Standard normal CDF Phi(x) in float64."""
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def _normal_icdf(q: float) -> float:
+    """Standard normal quantile Phi^-1(q) in float64."""
+    return float(torch.special.ndtri(torch.tensor(q, dtype=torch.float64)))
+
+
+def sigma_to_cdf(sigma: float, cfg: EDMConfig = EDMConfig()) -> float:
+    """Probability that the training log-normal puts below sigma."""
+    return _normal_cdf((math.log(sigma) - cfg.P_mean) / cfg.P_std)
+
+
+def cdf_to_sigma(q: float, cfg: EDMConfig = EDMConfig()) -> float:
+    """Inverse of sigma_to_cdf: the noise level at probability q of the training log-normal."""
+    return math.exp(cfg.P_mean + cfg.P_std * _normal_icdf(q))
+
+
+def cdf_range(cfg: EDMConfig = EDMConfig()) -> tuple[float, float]:
+    """(q_lo, q_hi): the log-normal's probability at sigma_min and sigma_max."""
+    return sigma_to_cdf(cfg.sigma_min, cfg), sigma_to_cdf(cfg.sigma_max, cfg)
+
+
+def block_boundaries(num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
+    """Equi-probability boundaries sigma_0 < ... < sigma_B (ascending) splitting the truncated log-normal into B equal masses."""
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    q_lo, q_hi = cdf_range(cfg)
+    inner = [cdf_to_sigma(q_lo + (q_hi - q_lo) * i / num_blocks, cfg) for i in range(1, num_blocks)]
+    return [cfg.sigma_min, *inner, cfg.sigma_max]
+
+
+def block_range(block: int, num_blocks: int, cfg: EDMConfig = EDMConfig()) -> tuple[float, float]:
+    """(lo, hi) noise range of a block; block 0 holds the highest noise."""
+    bounds = block_boundaries(num_blocks, cfg)
+    k = num_blocks - 1 - block
+    return bounds[k], bounds[k + 1]
+
+
+def widened_block_range(block: int, num_blocks: int, gamma: float, cfg: EDMConfig = EDMConfig()) -> tuple[float, float]:
+    """Block range widened by gamma * ln(hi/lo) on each side in log space, clipped to [sigma_min, sigma_max]."""
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    lo, hi = block_range(block, num_blocks, cfg)
+    margin = gamma * math.log(hi / lo)
+    lo_w = max(cfg.sigma_min, math.exp(math.log(lo) - margin))
+    hi_w = min(cfg.sigma_max, math.exp(math.log(hi) + margin))
+    return lo_w, hi_w
+
+
+def block_of_sigma(sigma: float, num_blocks: int, cfg: EDMConfig = EDMConfig()) -> int:
+    """The block whose (unwidened) range holds sigma; block 0 holds the highest noise."""
+    bounds = block_boundaries(num_blocks, cfg)
+    for k in range(num_blocks - 1, 0, -1):
+        if sigma >= bounds[k]:
+            return num_blocks - 1 - k
+    return num_blocks - 1
+
+
+def sample_truncated_lognormal(
+    n: int,
+    lo: float,
+    hi: float,
+    *,
+    cfg: EDMConfig = EDMConfig(),
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw n sigmas from the training log-normal truncated to [lo, hi] by inverse-CDF sampling on `device`."""
+    q_lo, q_hi = sigma_to_cdf(lo, cfg), sigma_to_cdf(hi, cfg)
+    u = torch.rand(n, device=device, generator=generator, dtype=torch.float64)
+    z = torch.special.ndtri(q_lo + (q_hi - q_lo) * u)
+    sigma = torch.exp(cfg.P_mean + cfg.P_std * z).to(torch.float32)
+    # ndtri of a float64 in (q_lo, q_hi) can round one ulp past the ends; keep the range exact.
+    return sigma.clamp(lo, hi)
+
+
+def inference_sigmas(num_steps: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
+    """Inference grid: num_steps sigmas equally spaced in CDF space from sigma_max down to sigma_min, endpoints included."""
+    if num_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
+    q_lo, q_hi = cdf_range(cfg)
+    if num_steps == 1:
+        return [cfg.sigma_min]
+    grid = [q_hi - (q_hi - q_lo) * i / (num_steps - 1) for i in range(num_steps)]
+    sigmas = [cdf_to_sigma(q, cfg) for q in grid]
+    # The endpoints are exact constants; do not let the quantile round trip perturb them.
+    sigmas[0], sigmas[-1] = cfg.sigma_max, cfg.sigma_min
+    return sigmas
+
+
+def euler_step(z: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE dz/dsigma = (z - D) / sigma."""
+    return z + (sigma_next - sigma) * (z - denoised) / sigma

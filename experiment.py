@@ -1,0 +1,183 @@
+"""Run folders, loggers, checkpoints and the Lightning Trainer around LitClassifier."""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import re
+import warnings
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from callbacks import LineProgress, attached_to_terminal
+from errors import UserError
+from module import MODEL_TYPES, LitClassifier
+
+LOGS_DIR = Path("logs")
+RUN_NAME_ENV = "DIFFUSIONBLOCKS_RUN_NAME"  # shared with the DDP worker processes Lightning re-launches
+
+
+# ---- run folders ------------------------------------------------------------------------------
+def default_run_name(model_type: str, postfix: str) -> str:
+    """`<local timestamp>-<model_type><postfix>`, or `slurm-<job id>-...` inside a Slurm job so a requeued job finds its folder."""
+    if os.environ.get(RUN_NAME_ENV):
+        return os.environ[RUN_NAME_ENV]
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    job = job or os.environ.get("SLURM_JOB_ID")
+    stamp = f"slurm-{job}" if job else datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{model_type}{postfix}"
+
+
+def resolve_run_dir(run_name: str | None, model_type: str, postfix: str, ckpt_path: str | None) -> Path:
+    """The run folder: the resumed checkpoint's folder, else logs/<run_name>."""
+    if ckpt_path:
+        return Path(ckpt_path).resolve().parent
+    name = run_name or default_run_name(model_type, postfix)
+    if not re.fullmatch(r"[A-Za-z0-9._=+-]+", name):
+        raise UserError(f"--run_name {name!r} may only hold letters, digits and . _ = + -: choose a simpler name")
+    os.environ[RUN_NAME_ENV] = name
+    return LOGS_DIR / name
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to a temporary file then rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written beside their destination and renamed, so a killed save never leaves a truncated file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        tmp = f"{path}.tmp"
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+# ---- logging ----------------------------------------------------------------------------------
+def wandb_has_credentials() -> bool:
+    """Whether W&B can log in without asking: an API key in the environment or in the netrc file."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def make_logger(kind: str, *, data: str, run_name: str, run_dir: Path, debug: bool):
+    """The experiment logger: W&B (offline with --debug or without credentials), CSV, or none."""
+    if kind == "none":
+        return False
+    if kind == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="", version="csv")
+    offline = debug or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+    if not offline and not wandb_has_credentials():
+        warnings.warn("no Weights & Biases credentials found (run `wandb login`): logging offline to the run folder", stacklevel=2)
+        offline = True
+    # The W&B run id is derived from the run name so a resumed or requeued job continues the same W&B run.
+    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]
+    return WandbLogger(project=f"dblocks-{data}", name=run_name, id=run_id, save_dir=str(run_dir), offline=offline, resume="allow")
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+def read_checkpoint(path: str) -> dict:
+    """Open a checkpoint safely (weights_only) and check it was written by this program."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint {path} does not exist: pass --ckpt_path a .ckpt file written by train, e.g. logs/<run>/last.ckpt")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}): use another checkpoint from the run folder") from None
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "state_dict" not in ckpt or hparams.get("model_type") not in MODEL_TYPES:
+        raise UserError(f"checkpoint {path} was not written by this program's train command: pass a logs/<run>/*.ckpt file")
+    return ckpt
+
+
+def module_from_checkpoint(ckpt: dict, path: str, model_type: str | None, overrides: dict) -> LitClassifier:
+    """Rebuild the LitClassifier a checkpoint was trained as, with test-time overrides, and load its weights."""
+    hparams = dict(ckpt["hyper_parameters"])
+    if model_type is not None and model_type != hparams["model_type"]:
+        raise UserError(
+            f"checkpoint {path} holds a {hparams['model_type']} model but --model_type {model_type} was given: "
+            f"drop --model_type or pass --model_type {hparams['model_type']}"
+        )
+    hparams.update({k: v for k, v in overrides.items() if v is not None})
+    module = LitClassifier(**hparams)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise UserError(f"checkpoint {path} does not match the architecture in its own hyper-parameters: it is damaged, use another") from None
+    return module
+
+
+# ---- trainer ----------------------------------------------------------------------------------
+def make_trainer(
+    *,
+    run_dir: Path,
+    logger,
+    accelerator: str,
+    devices: int,
+    num_nodes: int,
+    precision: str,
+    max_epochs: int,
+    max_steps: int,
+    accumulate_grad_batches: int,
+    save_every_n_epochs: int,
+    save_top_k: int,
+    find_unused_parameters: bool,
+    progress_every_s: float = 60.0,
+) -> pl.Trainer:
+    """Trainer with the released recipe's clipping and checkpointing, writing everything into run_dir."""
+    if precision == "32":
+        # As released: fp32 weights and activations, TF32 tensor cores for matmuls on Ampere and newer.
+        torch.set_float32_matmul_precision("high")
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir), filename="{epoch}-{step}", every_n_epochs=save_every_n_epochs, save_top_k=save_top_k, save_last=True
+    )
+    extra = [LearningRateMonitor(logging_interval="step")] if logger else []
+    interactive = attached_to_terminal()
+    if not interactive:
+        extra.append(LineProgress(every_s=progress_every_s))
+    distributed = devices > 1 or num_nodes > 1
+    strategy = ("ddp_find_unused_parameters_true" if find_unused_parameters else "ddp") if distributed else "auto"
+    return pl.Trainer(
+        default_root_dir=str(run_dir),
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision="32-true" if precision == "32" else precision,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        gradient_clip_val=1.0,
+        accumulate_grad_batches=accumulate_grad_batches,
+        logger=logger,
+        callbacks=[checkpoint, *extra],
+        enable_progress_bar=interactive,
+        plugins=[AtomicCheckpointIO()],
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+    )
+
+
+def write_metrics(path: Path, module: LitClassifier, ckpt_path: str | None) -> dict:
+    """metrics.json: the test scores with what was scored."""
+    payload = {**module.test_results, "model_type": module.hparams.model_type, "ckpt_path": ckpt_path}
+    if module.hparams.model_type == "dblock":
+        payload["num_inference_steps"] = module.inference_steps
+    write_json_atomic(path, payload)
+    return payload

@@ -1,0 +1,309 @@
+"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,bench} DATA [flags]`.
+
+Flag names and defaults follow the released program; see README.md for every flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import typing
+import warnings
+from pathlib import Path
+from typing import Literal, NoReturn
+
+from jsonargparse import ArgumentParser, auto_cli
+
+from errors import UserError
+
+Data = Literal["cifar10", "cifar100", "tiny-imagenet", "imagefolder"]
+ModelType = Literal["vit", "dblock"]
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+]  # transformers.get_scheduler names that need no validation metric
+Logger = Literal["wandb", "csv", "none"]
+Precision = Literal["32", "bf16-mixed"]
+
+
+class OneLineErrorParser(ArgumentParser):
+    """Argument parser that reports a bad flag as one line (no usage dump) and exits with code 2."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        text = re.sub(r"\s+", " ", str(message)).strip()
+        sys.stderr.write(f"error: {text} (see `main.py {self.prog.split()[-1]} --help`)\n")
+        raise SystemExit(2)
+
+
+def parse_json_object(text: str, flag: str) -> dict:
+    """Parse a JSON object given on the command line, or fail with a one-line hint."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{flag} is not valid JSON ({err.msg} at column {err.colno}): pass an object such as '{{\"min_lr\": 5e-5}}'") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} must be a JSON object such as '{{\"min_lr\": 5e-5}}', got {text!r}")
+    return value
+
+
+def check_positive(**values: int) -> None:
+    """Fail with one line if any named count is below 1."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+
+
+def train(
+    data: Data,
+    *,
+    model_type: ModelType = "vit",
+    data_dir: str = "data",
+    run_name: str | None = None,
+    postfix: str = "",
+    devices: int = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    precision: Precision = "32",
+    num_epochs: int = 500,
+    max_steps: int = -1,
+    batch_size: int = 128,
+    eval_batch_size: int | None = None,
+    num_workers: int = 8,
+    add_rand_aug: bool = False,
+    save_every_n_epochs: int = 5,
+    save_top_k: int = 1,
+    accumulate_grad_batches: int = 1,
+    gradient_checkpointing: bool = False,
+    optimizer: Literal["adamw"] = "adamw",
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    scheduler_type: Scheduler = "constant_with_warmup",
+    num_warmup_steps: int = 0,
+    scheduler_specific_kwargs: str = "{}",
+    seed: int = 42,
+    ckpt_path: str | None = None,
+    logger: Logger = "wandb",
+    debug: bool = False,
+    progress_every_s: float = 60.0,
+    hidden_size: int | None = None,
+    num_hidden_layers: int | None = None,
+    num_attention_heads: int | None = None,
+    intermediate_size: int | None = None,
+    patch_size: int | None = None,
+    image_size: int | None = None,
+    num_blocks: int = 3,
+    gamma: float = 0.05,
+    num_inference_steps: int | None = None,
+    cfg_scale: float = 0.0,
+    class_dropout_prob: float = 0.0,
+    batch_mean_loss_weight: bool = True,
+    raw_embedding_bridge: bool = True,
+) -> dict:
+    """Train a model, save checkpoints in logs/<run_name>/, then test the final weights.
+
+    Args:
+        data: Dataset: cifar10, cifar100, tiny-imagenet or imagefolder (class folders under --data_dir/train and /test).
+        model_type: vit (end-to-end baseline) or dblock (DiffusionBlocks, one block trained per step).
+        data_dir: Folder holding (or receiving) the dataset files.
+        run_name: Run folder name under logs/ (default: <timestamp>-<model_type><postfix>, or slurm-<job id>-... under Slurm).
+        postfix: Appended to the default run name (the recipes use "-rand-augment").
+        devices: Accelerators per node; more than one trains with DDP.
+        num_nodes: Nodes (multi-node DDP, e.g. under srun).
+        accelerator: Lightning accelerator: auto, gpu, cpu.
+        precision: 32 (fp32 with TF32 matmuls, as released) or bf16-mixed.
+        num_epochs: Epochs of the end-to-end schedule; dblock trains num_epochs x num_blocks epochs.
+        max_steps: Stop after this many optimizer steps (x num_blocks for dblock); -1 = no limit.
+        batch_size: Training batch size per device.
+        eval_batch_size: Test batch size (default: batch_size).
+        num_workers: Data loader worker processes.
+        add_rand_aug: Add RandAugment after the horizontal flip.
+        save_every_n_epochs: Write a checkpoint every this many epochs (plus last.ckpt).
+        save_top_k: How many periodic checkpoints to keep (-1 = all).
+        accumulate_grad_batches: Batches per optimizer step.
+        gradient_checkpointing: Recompute activations in backward (vit baseline only).
+        optimizer: Optimizer (only adamw, as released).
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        scheduler_type: transformers.get_scheduler schedule, stepped every optimizer step.
+        num_warmup_steps: Warmup optimizer steps (the recipes multiply by num_blocks for dblock).
+        scheduler_specific_kwargs: JSON object of extra schedule arguments, e.g. '{"min_lr": 5e-5}'.
+        seed: Global seed (data order, initialisation, block sequence).
+        ckpt_path: Resume training from this checkpoint, in its run folder.
+        logger: wandb (project dblocks-<DATA>), csv (run folder) or none.
+        debug: Log to W&B offline.
+        progress_every_s: Without a terminal (batch jobs), print a one-line progress summary this often, in seconds.
+        hidden_size: Transformer width (default per dataset: 128; tiny-imagenet 768).
+        num_hidden_layers: Transformer depth (default 12).
+        num_attention_heads: Attention heads (default 4; tiny-imagenet 12).
+        intermediate_size: MLP width (default 3072).
+        patch_size: Patch side in pixels (default 4).
+        image_size: Input side in pixels (default 32; tiny-imagenet 64).
+        num_blocks: dblock: number of blocks B the layers are split into.
+        gamma: dblock: log-space overlap of neighbouring blocks' noise ranges.
+        num_inference_steps: dblock: sampler steps at test time (default num_blocks).
+        cfg_scale: dblock: classifier-free guidance scale at test time (0 = off).
+        class_dropout_prob: dblock: training probability of blanking the image (for guidance).
+        batch_mean_loss_weight: dblock: released loss mean(CE) x mean(w); false = the paper's mean(CE x w).
+        raw_embedding_bridge: dblock: released sampler mixes raw label embeddings; false = the L2-normalised ones.
+    """
+    config = dict(locals())  # the flags exactly as resolved, saved as config.yaml
+    from experiment import make_logger, make_trainer, resolve_run_dir, write_metrics
+    from data import ImageDataModule
+    from module import LitClassifier
+    from vit import default_arch
+    import pytorch_lightning as pl
+
+    check_positive(
+        devices=devices, num_nodes=num_nodes, num_epochs=num_epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        save_every_n_epochs=save_every_n_epochs, accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
+    )
+    sched_kwargs = parse_json_object(scheduler_specific_kwargs, "--scheduler_specific_kwargs")
+    arch = default_arch(
+        data, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size, patch_size=patch_size, image_size=image_size,
+    )
+    dm = ImageDataModule(
+        data, data_dir=data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+        add_rand_aug=add_rand_aug, image_size=arch.image_size,
+    )
+    pl.seed_everything(seed, workers=True, verbose=False)
+    module = LitClassifier(
+        model_type=model_type, arch=arch.to_dict(), num_labels=dm.info.num_classes, lr=lr, weight_decay=weight_decay,
+        scheduler_type=scheduler_type, num_warmup_steps=num_warmup_steps, scheduler_specific_kwargs=sched_kwargs, seed=seed,
+        gradient_checkpointing=gradient_checkpointing, num_blocks=num_blocks, gamma=gamma,
+        batch_mean_loss_weight=batch_mean_loss_weight, raw_embedding_bridge=raw_embedding_bridge,
+        class_dropout_prob=class_dropout_prob, num_inference_steps=num_inference_steps, cfg_scale=cfg_scale,
+    )
+    run_dir = resolve_run_dir(run_name, model_type, postfix, ckpt_path)
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise UserError(f"checkpoint {ckpt_path} does not exist: pass --ckpt_path a .ckpt file written by train, e.g. logs/<run>/last.ckpt")
+    scale = num_blocks if model_type == "dblock" else 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = make_trainer(
+        run_dir=run_dir,
+        logger=make_logger(logger, data=data, run_name=run_dir.name, run_dir=run_dir, debug=debug),
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
+        max_epochs=num_epochs * scale, max_steps=max_steps * scale if max_steps > 0 else -1,
+        accumulate_grad_batches=accumulate_grad_batches, save_every_n_epochs=save_every_n_epochs, save_top_k=save_top_k,
+        find_unused_parameters=model_type == "dblock", progress_every_s=progress_every_s,
+    )
+    if trainer.is_global_zero:
+        save_resolved_config(run_dir, config)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.test(module, datamodule=dm, verbose=True)
+    if trainer.is_global_zero:
+        return write_metrics(run_dir / "metrics.json", module, str(run_dir / "last.ckpt"))
+    return {}
+
+
+def save_resolved_config(run_dir: Path, config: dict) -> None:
+    """config.yaml in the run folder: the flags of this run, loadable again with --config."""
+    import yaml
+
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def test(
+    data: Data,
+    *,
+    ckpt_path: str,
+    model_type: ModelType | None = None,
+    data_dir: str = "data",
+    batch_size: int = 128,
+    eval_batch_size: int | None = None,
+    num_workers: int = 8,
+    accelerator: str = "auto",
+    precision: Precision = "32",
+    seed: int = 42,
+    num_inference_steps: int | None = None,
+    cfg_scale: float | None = None,
+    raw_embedding_bridge: bool | None = None,
+) -> dict:
+    """Score a checkpoint on DATA's test split; writes metrics.json next to the checkpoint.
+
+    Args:
+        data: Dataset: cifar10, cifar100, tiny-imagenet or imagefolder.
+        ckpt_path: Checkpoint written by train (architecture and model type are read from it).
+        model_type: Optional check: must match the checkpoint's model type.
+        data_dir: Folder holding (or receiving) the dataset files.
+        batch_size: Batch size (used when --eval_batch_size is not given).
+        eval_batch_size: Test batch size.
+        num_workers: Data loader worker processes.
+        accelerator: Lightning accelerator: auto, gpu, cpu.
+        precision: 32 (fp32 with TF32 matmuls) or bf16-mixed.
+        seed: Seed of the sampler's initial noise (dblock).
+        num_inference_steps: dblock: sampler steps (default: the checkpoint's, else num_blocks); any value works.
+        cfg_scale: dblock: classifier-free guidance scale (default: the checkpoint's).
+        raw_embedding_bridge: dblock: override the checkpoint's bridge quirk (true = released raw table).
+    """
+    import pytorch_lightning as pl
+
+    from data import ImageDataModule
+    from experiment import make_trainer, module_from_checkpoint, read_checkpoint, write_metrics
+
+    check_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
+    ckpt = read_checkpoint(ckpt_path)
+    overrides = {"num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge}
+    module = module_from_checkpoint(ckpt, ckpt_path, model_type, overrides)
+    arch = module.hparams.arch
+    dm = ImageDataModule(
+        data, data_dir=data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+        image_size=arch["image_size"],
+    )
+    if dm.info.num_classes != module.hparams.num_labels:
+        raise UserError(
+            f"checkpoint {ckpt_path} classifies {module.hparams.num_labels} classes but {data} has {dm.info.num_classes}: "
+            "test on the dataset the checkpoint was trained on"
+        )
+    pl.seed_everything(seed, verbose=False)
+    run_dir = Path(ckpt_path).resolve().parent
+    trainer = make_trainer(
+        run_dir=run_dir, logger=False, accelerator=accelerator, devices=1, num_nodes=1, precision=precision, max_epochs=1,
+        max_steps=-1, accumulate_grad_batches=1, save_every_n_epochs=1, save_top_k=0, find_unused_parameters=False,
+    )
+    trainer.test(module, datamodule=dm, verbose=True)
+    return write_metrics(run_dir / "metrics.json", module, str(ckpt_path))
+
+
+COMMANDS = {"train": train, "test": test}
+
+
+def boolean_flags() -> set[str]:
+    """`--name` of every boolean flag of every subcommand."""
+    flags = set()
+    for fn in COMMANDS.values():
+        for name, hint in typing.get_type_hints(fn).items():
+            if hint in (bool, bool | None):
+                flags.add(f"--{name}")
+    return flags
+
+
+def expand_bare_flags(argv: list[str]) -> list[str]:
+    """Accept the released program's switches (`--add_rand_aug`, `--debug`, ...) without a value, meaning true."""
+    flags, out = boolean_flags(), []
+    for i, token in enumerate(argv):
+        out.append(token)
+        following = argv[i + 1].lower() if i + 1 < len(argv) else None
+        if token in flags and following not in ("true", "false", "yes", "no", "1", "0"):
+            out.append("true")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the chosen subcommand; bad input becomes one line on stderr and exit code 2."""
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    argv = expand_bare_flags(sys.argv[1:] if argv is None else argv)
+    try:
+        auto_cli(COMMANDS, args=argv, parser_class=OneLineErrorParser, as_positional=True)
+    except UserError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The LightningModule that trains and scores either model type (`vit` or `dblock`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import pytorch_lightning as pl
+from transformers import get_scheduler
+
+import dblock
+from errors import UserError
+from offload import BlockOffloader
+from vit import ArchConfig, ViTClassifier
+
+MODEL_TYPES = ("vit", "dblock")
+
+
+def block_for_step(seed: int, step: int, num_blocks: int) -> int:
+    """Block trained at optimizer step `step`: a pure function of (seed, step), identical on every rank and after resume."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+    return int(torch.randint(num_blocks, (1,), generator=g))
+
+
+class LitClassifier(pl.LightningModule):
+    """Image classifier trained end to end (`vit`) or one diffusion block per step (`dblock`).
+
+    Hyper-parameters are plain Python values so checkpoints open with torch.load(weights_only=True).
+    """
+
+    def __init__(
+        self,
+        *,
+        model_type: str = "vit",
+        arch: dict | None = None,
+        num_labels: int = 100,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        scheduler_type: str = "constant_with_warmup",
+        num_warmup_steps: int = 0,
+        scheduler_specific_kwargs: dict | None = None,
+        seed: int = 42,
+        gradient_checkpointing: bool = False,
+        num_blocks: int = 3,
+        gamma: float = 0.05,
+        batch_mean_loss_weight: bool = True,
+        raw_embedding_bridge: bool = True,
+        class_dropout_prob: float = 0.0,
+        num_inference_steps: int | None = None,
+        cfg_scale: float = 0.0,
+        offload_optimizer: bool = True,
+        offload_weights: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        arch_cfg = ArchConfig(**(arch or {}))
+        if model_type == "vit":
+            self.model = ViTClassifier(arch=arch_cfg, num_labels=num_labels)
+            if gradient_checkpointing:
+                self.model.enable_gradient_checkpointing()
+        else:
+            dcfg = dblock.DBlockConfig(
+                num_blocks=num_blocks,
+                gamma=gamma,
+                batch_mean_loss_weight=batch_mean_loss_weight,
+                raw_embedding_bridge=raw_embedding_bridge,
+                class_dropout_prob=class_dropout_prob,
+            )
+            self.model = dblock.DiffusionBlocksViT(arch=arch_cfg, num_labels=num_labels, dcfg=dcfg)
+        use_offload = model_type == "dblock" and (offload_optimizer or offload_weights)
+        self.offloader = BlockOffloader(self.model.blocks, offload_weights=offload_weights) if use_offload else None
+        self.current_block: int | None = None
+        self._correct = 0
+        self._total = 0
+        self.test_results: dict[str, float] = {}
+
+    @property
+    def is_dblock(self) -> bool:
+        return self.hparams.model_type == "dblock"
+
+    @property
+    def inference_steps(self) -> int:
+        """Sampler steps at test time: the flag if given, else one per block."""
+        return self.hparams.num_inference_steps or self.hparams.num_blocks
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        if not self.is_dblock:
+            loss = F.cross_entropy(self.model(images).float(), labels)
+            self.check_finite(loss)
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+        block = block_for_step(self.hparams.seed, self.global_step, self.hparams.num_blocks)
+        self.current_block = block
+        if self.offloader is not None:
+            self.offloader.activate(block, self.optimizers().optimizer, self.device)
+        loss, ce = dblock.training_loss(self.model, images, labels, block)
+        self.check_finite(loss)
+        self.log_dict({"train/loss": loss, "train/ce_loss": ce}, prog_bar=True)
+        self.log_dict({f"train/loss_{block}": loss, f"train/ce_loss_{block}": ce, "train/block": float(block)})
+        return loss
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop before a non-finite loss reaches the weights, naming the step, the block and the last good checkpoint."""
+        if torch.isfinite(loss):
+            return
+        callback = getattr(self.trainer, "checkpoint_callback", None)
+        last_good = (callback.last_model_path or callback.best_model_path) if callback else ""
+        block = f" (block {self.current_block})" if self.is_dblock else ""
+        raise UserError(
+            f"non-finite loss {loss.item()} at step {self.global_step}{block}; last good checkpoint: {last_good or 'none yet'}. "
+            "Resume from it with --ckpt_path and a lower --lr, or use --precision 32"
+        )
+
+    def configure_optimizers(self):
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused)
+        scheduler = get_scheduler(
+            self.hparams.scheduler_type,
+            optimizer,
+            num_warmup_steps=self.hparams.num_warmup_steps,
+            num_training_steps=int(self.trainer.estimated_stepping_batches),
+            scheduler_specific_kwargs=self.hparams.scheduler_specific_kwargs or {},
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.offloader is not None:
+            self.offloader.restore_weights(self.device)
+
+    # ---- testing --------------------------------------------------------------------------
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits for a batch of images (the diffusion sampler for dblock)."""
+        if not self.is_dblock:
+            return self.model(images)
+        return dblock.sample_logits(self.model, images, self.inference_steps, self.hparams.cfg_scale)
+
+    def on_test_epoch_start(self) -> None:
+        if self.offloader is not None:
+            self.offloader.restore_weights(self.device)
+        self._correct, self._total = 0, 0
+
+    def test_step(self, batch, batch_idx):
+        images, labels = batch
+        preds = self.predict_logits(images).argmax(dim=-1)
+        self._correct += int((preds == labels).sum())
+        self._total += labels.numel()
+
+    def on_test_epoch_end(self) -> None:
+        counts = torch.tensor([self._correct, self._total], dtype=torch.float64, device=self.device)
+        correct, total = (int(v) for v in self.trainer.strategy.reduce(counts, reduce_op="sum"))
+        acc = correct / max(total, 1)
+        # Micro-averaged F1 of single-label multiclass predictions equals accuracy (as released).
+        self.test_results = {"test/acc": acc, "test/f1": acc, "num_test_images": total}
+        self.log_dict({"test/acc": acc, "test/f1": acc}, sync_dist=False)
