@@ -55,6 +55,11 @@ def check_positive(**values: int) -> None:
             raise UserError(f"--{name} must be >= 1, got {value}")
 
 
+def is_first_local_process() -> bool:
+    """True in the process a user started (not in the DDP workers Lightning or srun start beside it)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0
+
+
 def train(
     data: Data,
     *,
@@ -100,6 +105,8 @@ def train(
     class_dropout_prob: float = 0.0,
     batch_mean_loss_weight: bool = True,
     raw_embedding_bridge: bool = True,
+    offload_optimizer: bool = True,
+    offload_weights: bool = False,
 ) -> dict:
     """Train a model, save checkpoints in logs/<run_name>/, then test the final weights.
 
@@ -147,11 +154,13 @@ def train(
         class_dropout_prob: dblock: training probability of blanking the image (for guidance).
         batch_mean_loss_weight: dblock: released loss mean(CE) x mean(w); false = the paper's mean(CE x w).
         raw_embedding_bridge: dblock: released sampler mixes raw label embeddings; false = the L2-normalised ones.
+        offload_optimizer: dblock: keep AdamW moments of blocks not being trained in host memory (same numerics).
+        offload_weights: dblock: keep weights of blocks not being trained in host memory too (one device only).
     """
     config = dict(locals())  # the flags exactly as resolved, saved as config.yaml
-    from experiment import make_logger, make_trainer, resolve_run_dir, write_metrics
+    from experiment import make_logger, make_trainer, read_checkpoint, resolve_run_dir, write_metrics
     from data import ImageDataModule
-    from module import LitClassifier
+    from module import LitClassifier, check_scheduler
     from vit import default_arch
     import pytorch_lightning as pl
 
@@ -159,7 +168,10 @@ def train(
         devices=devices, num_nodes=num_nodes, num_epochs=num_epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
         save_every_n_epochs=save_every_n_epochs, accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
     )
+    if offload_weights and (devices > 1 or num_nodes > 1):
+        raise UserError("--offload_weights works on one device only (DDP needs every weight on its device): drop it or use --devices 1")
     sched_kwargs = parse_json_object(scheduler_specific_kwargs, "--scheduler_specific_kwargs")
+    check_scheduler(scheduler_type, num_warmup_steps, sched_kwargs)
     arch = default_arch(
         data, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
         intermediate_size=intermediate_size, patch_size=patch_size, image_size=image_size,
@@ -175,10 +187,17 @@ def train(
         gradient_checkpointing=gradient_checkpointing, num_blocks=num_blocks, gamma=gamma,
         batch_mean_loss_weight=batch_mean_loss_weight, raw_embedding_bridge=raw_embedding_bridge,
         class_dropout_prob=class_dropout_prob, num_inference_steps=num_inference_steps, cfg_scale=cfg_scale,
+        offload_optimizer=offload_optimizer, offload_weights=offload_weights,
     )
     run_dir = resolve_run_dir(run_name, model_type, postfix, ckpt_path)
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise UserError(f"checkpoint {ckpt_path} does not exist: pass --ckpt_path a .ckpt file written by train, e.g. logs/<run>/last.ckpt")
+    if ckpt_path:
+        read_checkpoint(ckpt_path)  # fail now, in one line, on a missing or corrupt file
+    if is_first_local_process():
+        # Read (or download) the data before the run folder exists, so bad data leaves nothing behind;
+        # Lightning's own prepare_data/setup then find it ready.
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.train_dataloader()  # rejects a batch larger than the training set
     scale = num_blocks if model_type == "dblock" else 1
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(
@@ -282,13 +301,24 @@ def boolean_flags() -> set[str]:
     return flags
 
 
+DASH_VALUE_FLAGS = ("--postfix",)  # values such as "-rand-augment" start with a dash
+
+
 def expand_bare_flags(argv: list[str]) -> list[str]:
-    """Accept the released program's switches (`--add_rand_aug`, `--debug`, ...) without a value, meaning true."""
-    flags, out = boolean_flags(), []
+    """Accept the released program's switches (`--add_rand_aug`, `--debug`, ...) without a value, meaning true,
+    and `--postfix -rand-augment` although its value starts with a dash."""
+    flags, out, skip = boolean_flags(), [], False
     for i, token in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if token in DASH_VALUE_FLAGS and following is not None:
+            out.append(f"{token}={following}")
+            skip = True
+            continue
         out.append(token)
-        following = argv[i + 1].lower() if i + 1 < len(argv) else None
-        if token in flags and following not in ("true", "false", "yes", "no", "1", "0"):
+        if token in flags and (following or "").lower() not in ("true", "false", "yes", "no", "1", "0"):
             out.append("true")
     return out
 
@@ -296,6 +326,8 @@ def expand_bare_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the chosen subcommand; bad input becomes one line on stderr and exit code 2."""
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # config.yaml is written into the run folder before Lightning's first checkpoint; that is expected.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     argv = expand_bare_flags(sys.argv[1:] if argv is None else argv)
     try:
         auto_cli(COMMANDS, args=argv, parser_class=OneLineErrorParser, as_positional=True)

@@ -21,6 +21,25 @@ def block_for_step(seed: int, step: int, num_blocks: int) -> int:
     return int(torch.randint(num_blocks, (1,), generator=g))
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, num_warmup_steps: int, num_training_steps: int, kwargs: dict):
+    """The released schedule: transformers.get_scheduler, stepped every optimizer step."""
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps, scheduler_specific_kwargs=kwargs
+    )
+
+
+def check_scheduler(name: str, num_warmup_steps: int, kwargs: dict) -> None:
+    """Build the schedule once on a dummy optimizer so a bad combination fails before any data is read."""
+    if num_warmup_steps < 0:
+        raise UserError(f"--num_warmup_steps must be >= 0, got {num_warmup_steps}")
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        make_scheduler(dummy, name, num_warmup_steps, max(num_warmup_steps, 1) + 10, kwargs)
+    except (ValueError, TypeError) as err:
+        message = " ".join(str(err).split())
+        raise UserError(f"--scheduler_type {name} with --scheduler_specific_kwargs {kwargs}: {message}") from None
+
+
 class LitClassifier(pl.LightningModule):
     """Image classifier trained end to end (`vit`) or one diffusion block per step (`dblock`).
 
@@ -115,12 +134,12 @@ class LitClassifier(pl.LightningModule):
     def configure_optimizers(self):
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused)
-        scheduler = get_scheduler(
-            self.hparams.scheduler_type,
+        scheduler = make_scheduler(
             optimizer,
-            num_warmup_steps=self.hparams.num_warmup_steps,
-            num_training_steps=int(self.trainer.estimated_stepping_batches),
-            scheduler_specific_kwargs=self.hparams.scheduler_specific_kwargs or {},
+            self.hparams.scheduler_type,
+            self.hparams.num_warmup_steps,
+            int(self.trainer.estimated_stepping_batches),
+            self.hparams.scheduler_specific_kwargs or {},
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
