@@ -13,12 +13,14 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
 from errors import UserError
@@ -130,6 +132,59 @@ class FileListDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return self.transform(rgb_loader(path)), label
+
+
+class SeededSamples(Dataset):
+    """A dataset looked up by (index, seed): each sample's random augmentation is drawn from its own seed.
+
+    Augmentation then depends neither on the number of workers nor on where a run was resumed.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class ResumableShuffleSampler(Sampler[tuple[int, int]]):
+    """Training order as a pure function of (seed, epoch), started at the batch the trainer is at.
+
+    Lightning restarts an interrupted epoch with a fresh iterator; reading the position from the
+    trainer's optimizer step makes the resumed run see exactly the batches the straight run would.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, accumulate: int, global_step: Callable[[], int]):
+        self.length, self.batch_size, self.seed, self.accumulate = length, batch_size, seed, accumulate
+        self.global_step = global_step
+
+    def __len__(self) -> int:
+        return self.length
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, first batch) at the trainer's current optimizer step."""
+        batches = self.length // self.batch_size
+        steps_per_epoch = -(-batches // self.accumulate)  # Lightning steps on an epoch's last batch too
+        epoch, step_in_epoch = divmod(self.global_step(), steps_per_epoch)
+        return epoch, step_in_epoch * self.accumulate
+
+    def __iter__(self):
+        epoch, first_batch = self.position()
+        epoch_seed = (self.seed * 1_000_003 + epoch) % (2**62)
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        for pos in range(first_batch * self.batch_size, self.length):
+            yield order[pos], (epoch_seed * 1_000_033 + pos) % (2**62)
+
+
+def distributed() -> bool:
+    """Whether this process is one of several DDP ranks (Lightning then shards the data itself)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def one_line(error: BaseException) -> str:
@@ -395,6 +450,7 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 8,
         add_rand_aug: bool = False,
         image_size: int | None = None,
+        seed: int = 42,
     ):
         super().__init__()
         check_dataset_name(data)
@@ -409,6 +465,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.add_rand_aug = add_rand_aug
+        self.seed = seed
         self.info = dataset_info(data, data_dir, image_size)
         self.train_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -442,12 +499,33 @@ class ImageDataModule(pl.LightningDataModule):
         """Every test image exactly once, in order."""
         return self.loader(self.test_set, self.eval_batch_size, train=False)
 
+    def trainer_step(self) -> int:
+        """The attached trainer's optimizer step (0 before fitting)."""
+        return self.trainer.global_step if self.trainer else 0
+
     def loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        """A DataLoader with this module's worker settings."""
+        """A DataLoader with this module's worker settings.
+
+        Single process: training order from ResumableShuffleSampler (resumable bit-exactly). Under DDP,
+        Lightning shards training data with a DistributedSampler seeded from the global seed, and
+        the test split is sharded without padding so every test image is scored exactly once.
+        """
+        sampler = None
+        # Creating an iterator draws worker seeds from the loader's generator; a private one keeps
+        # the global generator (dropout, noise) untouched by how often Lightning restarts an epoch.
+        generator = torch.Generator().manual_seed(self.seed)
+        if train and not distributed():
+            accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
+            sampler = ResumableShuffleSampler(len(dataset), batch_size, self.seed, accumulate, self.trainer_step)
+            dataset = SeededSamples(dataset)
+        elif not train and distributed():
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train if sampler is None else None,
+            sampler=sampler,
+            generator=generator,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),

@@ -178,7 +178,7 @@ def train(
     )
     dm = ImageDataModule(
         data, data_dir=data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-        add_rand_aug=add_rand_aug, image_size=arch.image_size,
+        add_rand_aug=add_rand_aug, image_size=arch.image_size, seed=seed,
     )
     pl.seed_everything(seed, workers=True, verbose=False)
     module = LitClassifier(

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import random
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 import pytorch_lightning as pl
@@ -13,6 +18,23 @@ from offload import BlockOffloader
 from vit import ArchConfig, ViTClassifier
 
 MODEL_TYPES = ("vit", "dblock")
+BLOCK_TRACE_ENV = "DIFFUSIONBLOCKS_BLOCK_TRACE"  # debugging aid: folder receiving per-rank block traces
+
+
+def capture_rng_states() -> dict:
+    """Every random generator training draws from (dropout, sigmas, noise, augmentation, data order)."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    """Put the generators back where capture_rng_states found them."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def block_for_step(seed: int, step: int, num_blocks: int) -> int:
@@ -130,6 +152,26 @@ class LitClassifier(pl.LightningModule):
             f"non-finite loss {loss.item()} at step {self.global_step}{block}; last good checkpoint: {last_good or 'none yet'}. "
             "Resume from it with --ckpt_path and a lower --lr, or use --precision 32"
         )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.is_dblock and os.environ.get(BLOCK_TRACE_ENV):
+            self.trace_block()
+
+    def trace_block(self) -> None:
+        """Append this rank's drawn block and the blocks holding gradients to <trace dir>/rank<r>.jsonl."""
+        with_grad = [b for b, layers in enumerate(self.model.blocks) if any(p.grad is not None for p in layers.parameters())]
+        record = {"rank": self.global_rank, "step": self.global_step, "block": self.current_block, "blocks_with_grad": with_grad}
+        path = Path(os.environ[BLOCK_TRACE_ENV]) / f"rank{self.global_rank}.jsonl"
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = capture_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Restoring the generators makes a resume at an epoch boundary continue bit-exactly.
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self):
         fused = self.device.type == "cuda"

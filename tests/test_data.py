@@ -312,7 +312,7 @@ def test_loader_worker_settings(tmp_path):
     dm = ready(ImageDataModule("cifar100", str(tmp_path), batch_size=4, num_workers=2))
     train, test = dm.train_dataloader(), dm.test_dataloader()
     assert train.drop_last and not test.drop_last and test.batch_size == 4
-    assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(train.sampler, data.ResumableShuffleSampler) and isinstance(train.dataset, data.SeededSamples)
     assert isinstance(test.sampler, torch.utils.data.SequentialSampler)
     assert train.num_workers == 2 and train.persistent_workers and test.persistent_workers
     assert train.pin_memory == torch.cuda.is_available()
