@@ -453,6 +453,8 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int = 42,
     ):
         super().__init__()
+        # One download per job, by global rank 0, into the (shared) data folder; other ranks wait.
+        self.prepare_data_per_node = False
         check_dataset_name(data)
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:

@@ -47,6 +47,16 @@ def resolve_run_dir(run_name: str | None, model_type: str, postfix: str, ckpt_pa
     return LOGS_DIR / name
 
 
+def find_resume_checkpoint(run_dir: Path) -> str | None:
+    """The newest of last.ckpt and Lightning's pre-emption checkpoints (hpc_ckpt_N.ckpt) in an existing run folder."""
+    candidates = [p for p in (run_dir / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
+    print(f"resuming from {newest} (the run folder {run_dir} already holds a checkpoint; pick another --run_name for a fresh run)")
+    return str(newest)
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON to a temporary file then rename, so readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -122,6 +132,18 @@ def module_from_checkpoint(ckpt: dict, path: str, model_type: str | None, overri
     except RuntimeError:
         raise UserError(f"checkpoint {path} does not match the architecture in its own hyper-parameters: it is damaged, use another") from None
     return module
+
+
+def check_resumable(ckpt: dict, path: str, hparams) -> None:
+    """Resuming needs the same model type, architecture and class count as the checkpoint's."""
+    saved = ckpt["hyper_parameters"]
+    keys = ("model_type", "arch", "num_labels") + (("num_blocks",) if saved.get("model_type") == "dblock" else ())
+    for key in keys:
+        if saved.get(key) != hparams.get(key):
+            raise UserError(
+                f"checkpoint {path} was trained with {key}={saved.get(key)} but this run has {key}={hparams.get(key)}: "
+                "resume with the checkpoint's flags (see config.yaml in its folder) or start a new --run_name"
+            )
 
 
 # ---- trainer ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Literal, NoReturn
 
 from jsonargparse import ArgumentParser, auto_cli
 
+from bench import bench
 from errors import UserError
 
 Data = Literal["cifar10", "cifar100", "tiny-imagenet", "imagefolder"]
@@ -55,9 +56,10 @@ def check_positive(**values: int) -> None:
             raise UserError(f"--{name} must be >= 1, got {value}")
 
 
-def is_first_local_process() -> bool:
-    """True in the process a user started (not in the DDP workers Lightning or srun start beside it)."""
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0
+def is_launching_process() -> bool:
+    """True in the process a user started, not in the DDP workers Lightning or srun start beside it."""
+    ranks = ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(int(os.environ.get(name, "0")) == 0 for name in ranks)
 
 
 def train(
@@ -158,7 +160,9 @@ def train(
         offload_weights: dblock: keep weights of blocks not being trained in host memory too (one device only).
     """
     config = dict(locals())  # the flags exactly as resolved, saved as config.yaml
-    from experiment import make_logger, make_trainer, read_checkpoint, resolve_run_dir, write_metrics
+    from experiment import (
+        check_resumable, find_resume_checkpoint, make_logger, make_trainer, read_checkpoint, resolve_run_dir, write_metrics,
+    )
     from data import ImageDataModule
     from module import LitClassifier, check_scheduler
     from vit import default_arch
@@ -190,9 +194,11 @@ def train(
         offload_optimizer=offload_optimizer, offload_weights=offload_weights,
     )
     run_dir = resolve_run_dir(run_name, model_type, postfix, ckpt_path)
+    ckpt_path = ckpt_path or find_resume_checkpoint(run_dir)  # a requeued job finds its own folder
     if ckpt_path:
-        read_checkpoint(ckpt_path)  # fail now, in one line, on a missing or corrupt file
-    if is_first_local_process():
+        # Fail now, in one line, on a missing, corrupt or incompatible file.
+        check_resumable(read_checkpoint(ckpt_path), ckpt_path, module.hparams)
+    if is_launching_process():
         # Read (or download) the data before the run folder exists, so bad data leaves nothing behind;
         # Lightning's own prepare_data/setup then find it ready.
         dm.prepare_data()
@@ -288,7 +294,7 @@ def test(
     return write_metrics(run_dir / "metrics.json", module, str(ckpt_path))
 
 
-COMMANDS = {"train": train, "test": test}
+COMMANDS = {"train": train, "test": test, "bench": bench}
 
 
 def boolean_flags() -> set[str]:
@@ -326,6 +332,8 @@ def expand_bare_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the chosen subcommand; bad input becomes one line on stderr and exit code 2."""
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     # config.yaml is written into the run folder before Lightning's first checkpoint; that is expected.
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     argv = expand_bare_flags(sys.argv[1:] if argv is None else argv)
