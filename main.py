@@ -109,6 +109,7 @@ def train(
     raw_embedding_bridge: bool = True,
     offload_optimizer: bool = True,
     offload_weights: bool = False,
+    compile: bool = False,  # noqa: A002 (the flag is --compile)
 ) -> dict:
     """Train a model, save checkpoints in logs/<run_name>/, then test the final weights.
 
@@ -158,6 +159,7 @@ def train(
         raw_embedding_bridge: dblock: released sampler mixes raw label embeddings; false = the L2-normalised ones.
         offload_optimizer: dblock: keep AdamW moments of blocks not being trained in host memory (same numerics).
         offload_weights: dblock: keep weights of blocks not being trained in host memory too (one device only).
+        compile: torch.compile the model (worth it on GPUs; the first steps are slow while it compiles).
     """
     config = dict(locals())  # the flags exactly as resolved, saved as config.yaml
     from experiment import (
@@ -191,7 +193,7 @@ def train(
         gradient_checkpointing=gradient_checkpointing, num_blocks=num_blocks, gamma=gamma,
         batch_mean_loss_weight=batch_mean_loss_weight, raw_embedding_bridge=raw_embedding_bridge,
         class_dropout_prob=class_dropout_prob, num_inference_steps=num_inference_steps, cfg_scale=cfg_scale,
-        offload_optimizer=offload_optimizer, offload_weights=offload_weights,
+        offload_optimizer=offload_optimizer, offload_weights=offload_weights, compile_model=compile,
     )
     run_dir = resolve_run_dir(run_name, model_type, postfix, ckpt_path)
     ckpt_path = ckpt_path or find_resume_checkpoint(run_dir)  # a requeued job finds its own folder

@@ -90,6 +90,7 @@ class LitClassifier(pl.LightningModule):
         cfg_scale: float = 0.0,
         offload_optimizer: bool = True,
         offload_weights: bool = False,
+        compile_model: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -113,6 +114,11 @@ class LitClassifier(pl.LightningModule):
         self._correct = 0
         self._total = 0
         self.test_results: dict[str, float] = {}
+
+    def setup(self, stage: str) -> None:
+        # Compiled in place, so state_dict keys (and checkpoints) are the same with and without it.
+        if stage == "fit" and self.hparams.compile_model and self.model._compiled_call_impl is None:
+            self.model.compile()
 
     @property
     def is_dblock(self) -> bool:

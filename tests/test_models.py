@@ -159,3 +159,14 @@ def test_cfg_changes_logits_only_when_scale_nonzero():
     assert torch.equal(dblock.guided_logits(m, x, z, s, 1, 0.0), cond)
     uncond = m(torch.zeros_like(x), z, s, 1)
     assert torch.allclose(dblock.guided_logits(m, x, z, s, 1, 2.0), cond + 2.0 * (cond - uncond))
+
+
+def test_compile_flag_compiles_in_place_and_keeps_checkpoint_keys():
+    from module import LitClassifier
+
+    tiny = dict(hidden_size=12, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24, patch_size=8, image_size=16)
+    plain = LitClassifier(model_type="dblock", arch=tiny, num_labels=3)
+    compiled = LitClassifier(model_type="dblock", arch=tiny, num_labels=3, compile_model=True)
+    compiled.setup("fit")
+    assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
