@@ -92,7 +92,7 @@ def make_logger(kind: str, *, data: str, run_name: str, run_dir: Path, debug: bo
         return False
     if kind == "csv":
         return CSVLogger(save_dir=str(run_dir), name="", version="csv")
-    offline = debug or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+    offline = debug or os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled")
     if not offline and not wandb_has_credentials():
         warnings.warn("no Weights & Biases credentials found (run `wandb login`): logging offline to the run folder", stacklevel=2)
         offline = True
@@ -162,6 +162,7 @@ def make_trainer(
     save_top_k: int,
     find_unused_parameters: bool,
     progress_every_s: float = 60.0,
+    log_every_n_steps: int = 50,
 ) -> pl.Trainer:
     """Trainer with the released recipe's clipping and checkpointing, writing everything into run_dir."""
     if precision == "32":
@@ -191,7 +192,7 @@ def make_trainer(
         callbacks=[checkpoint, *extra],
         enable_progress_bar=interactive,
         plugins=[AtomicCheckpointIO()],
-        log_every_n_steps=10,
+        log_every_n_steps=log_every_n_steps,
         num_sanity_val_steps=0,
     )
 

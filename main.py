@@ -94,6 +94,7 @@ def train(
     logger: Logger = "wandb",
     debug: bool = False,
     progress_every_s: float = 60.0,
+    log_every_n_steps: int = 50,
     hidden_size: int | None = None,
     num_hidden_layers: int | None = None,
     num_attention_heads: int | None = None,
@@ -143,6 +144,7 @@ def train(
         ckpt_path: Resume training from this checkpoint, in its run folder.
         logger: wandb (project dblocks-<DATA>), csv (run folder) or none.
         debug: Log to W&B offline.
+        log_every_n_steps: Send training metrics to the logger every this many optimizer steps.
         progress_every_s: Without a terminal (batch jobs), print a one-line progress summary this often, in seconds.
         hidden_size: Transformer width (default per dataset: 128; tiny-imagenet 768).
         num_hidden_layers: Transformer depth (default 12).
@@ -173,6 +175,7 @@ def train(
     check_positive(
         devices=devices, num_nodes=num_nodes, num_epochs=num_epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
         save_every_n_epochs=save_every_n_epochs, accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
+        log_every_n_steps=log_every_n_steps,
     )
     if offload_weights and (devices > 1 or num_nodes > 1):
         raise UserError("--offload_weights works on one device only (DDP needs every weight on its device): drop it or use --devices 1")
@@ -214,7 +217,7 @@ def train(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
         max_epochs=num_epochs * scale, max_steps=max_steps * scale if max_steps > 0 else -1,
         accumulate_grad_batches=accumulate_grad_batches, save_every_n_epochs=save_every_n_epochs, save_top_k=save_top_k,
-        find_unused_parameters=model_type == "dblock", progress_every_s=progress_every_s,
+        find_unused_parameters=model_type == "dblock", progress_every_s=progress_every_s, log_every_n_steps=log_every_n_steps,
     )
     if trainer.is_global_zero:
         save_resolved_config(run_dir, config)

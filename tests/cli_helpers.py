@@ -13,7 +13,7 @@ TINY_ARCH = [
     "--hidden_size", "24", "--num_hidden_layers", "6", "--num_attention_heads", "2",
     "--intermediate_size", "48", "--patch_size", "8",
 ]
-FAST = ["--batch_size", "8", "--num_workers", "0", "--accelerator", "cpu", "--logger", "csv", "--progress_every_s", "0"]
+FAST = ["--batch_size", "8", "--num_workers", "0", "--accelerator", "cpu", "--logger", "csv", "--progress_every_s", "0", "--log_every_n_steps", "1"]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

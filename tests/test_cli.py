@@ -25,6 +25,10 @@ def test_train_then_test(cifar_dir, capsys, model_type):
     ckpt = torch.load(run / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 * (3 if model_type == "dblock" else 1)  # dblock steps are x num_blocks
     assert ckpt["hyper_parameters"]["model_type"] == model_type
+    logged = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "test/acc", "test/f1"} <= set(logged)
+    if model_type == "dblock":  # per-block curves of whichever blocks were drawn
+        assert "train/ce_loss" in logged and any(k.startswith("train/loss_") for k in logged)
     code, out, err = run_cli(["test", "cifar100", "--ckpt_path", run / "last.ckpt", "--data_dir", cifar_dir,
                               "--num_workers", "0", "--accelerator", "cpu", "--model_type", model_type], capsys)
     assert code == 0, err
