@@ -91,7 +91,8 @@ def make_logger(kind: str, *, data: str, run_name: str, run_dir: Path, debug: bo
     if kind == "none":
         return False
     if kind == "csv":
-        return CSVLogger(save_dir=str(run_dir), name="", version="csv")
+        # A new version_N folder per (re)start: resuming never overwrites earlier metrics.
+        return CSVLogger(save_dir=str(run_dir), name="csv")
     offline = debug or os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled")
     if not offline and not wandb_has_credentials():
         warnings.warn("no Weights & Biases credentials found (run `wandb login`): logging offline to the run folder", stacklevel=2)

@@ -25,7 +25,7 @@ def test_train_then_test(cifar_dir, capsys, model_type):
     ckpt = torch.load(run / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 * (3 if model_type == "dblock" else 1)  # dblock steps are x num_blocks
     assert ckpt["hyper_parameters"]["model_type"] == model_type
-    logged = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    logged = (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/loss", "test/acc", "test/f1"} <= set(logged)
     if model_type == "dblock":  # per-block curves of whichever blocks were drawn
         assert "train/ce_loss" in logged and any(k.startswith("train/loss_") for k in logged)
@@ -53,6 +53,7 @@ def test_resume_continues_in_the_same_run_folder(cifar_dir, capsys):
     code, _, err = run_cli(train_args(cifar_dir, "ignored", "--ckpt_path", "logs/res/last.ckpt", steps=4), capsys)
     assert code == 0, err
     assert not Path("logs/ignored").exists()
+    assert sorted(p.name for p in Path("logs/res/csv").iterdir()) == ["version_0", "version_1"]  # history kept
     assert torch.load("logs/res/last.ckpt", weights_only=True)["global_step"] == 4
 
 
