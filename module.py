@@ -93,6 +93,8 @@ class LitClassifier(pl.LightningModule):
         compile_model: bool = False,
     ):
         super().__init__()
+        if model_type not in MODEL_TYPES:
+            raise UserError(f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
         self.save_hyperparameters()
         arch_cfg = ArchConfig(**(arch or {}))
         if model_type == "vit":
