@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -120,6 +121,7 @@ def bench(
     check_blocks(num_blocks, arch.num_hidden_layers)
     info = dataset_info(data, data_dir)
     device = resolve_device(accelerator)
+    use_recipe_matmul_precision(device, precision)
     run = RunConfig(
         batch_size=batch_size, num_blocks=num_blocks, precision=precision, compile=compile, steps=steps,
         warmup_steps=warmup_steps, seed=seed,
@@ -127,7 +129,7 @@ def bench(
     results = {name: measure_variant(name, arch, info.num_classes, device, run) for name in VARIANTS}
     loader = loader_throughput(info.image_size, arch.image_size, batch_size, num_workers, loader_batches, seed, device)
     config = {
-        "data": data, "num_labels": info.num_classes, **arch.to_dict(), **asdict(run),
+        "data": data, "accelerator": accelerator, "num_labels": info.num_classes, **arch.to_dict(), **asdict(run),
         "num_workers": num_workers, "loader_batches": loader_batches,
     }
     report = assemble_report(results, loader, device, config)
@@ -211,6 +213,14 @@ def resolve_device(accelerator: str):
         raise UserError("--accelerator gpu but no CUDA device is visible: use --accelerator cpu or auto")
     use_cuda = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
+def use_recipe_matmul_precision(device, precision: str) -> None:
+    """The recipe's fp32 on CUDA: TF32 tensor cores for matmuls (as the released program and `train`)."""
+    import torch
+
+    if device.type == "cuda" and precision == "32":
+        torch.set_float32_matmul_precision("high")
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -402,6 +412,7 @@ def measure_variant(name: str, arch, num_labels: int, device, run: RunConfig) ->
 
     from module import block_for_step
 
+    print(f"bench: measuring {name} ...", file=sys.stderr, flush=True)  # a paper-size run takes minutes on CPU
     with compile_limits(run):
         v = build_variant(name, arch, num_labels, device, run)
         batch = random_batch(arch, num_labels, run, device)

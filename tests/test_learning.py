@@ -1,8 +1,9 @@
 """Both model types learn a visible signal: stated accuracy within a stated number of steps.
 
 Synthetic CIFAR-10 where each class is a flat colour plus noise (chance = 10 %). Measured on this
-project's CI machine class (2 CPU cores): vit 1.00 after 40 steps; dblock 0.68 after 80 x 3 steps
-(each block sees about 80 updates, as each vit layer does after 80 steps).
+project's CI machine class (2 CPU cores, 2026-11-28): vit 1.00 after 40 steps; dblock 0.97 after
+80 x 3 steps (each block sees about 80 updates, as each vit layer does after 80 steps). dblock's
+result moves with the random stream (0.68 with an earlier data order), hence the wide margin.
 """
 
 import pytest
