@@ -167,6 +167,7 @@ class Variant:
 
     @property
     def is_dblock(self) -> bool:
+        """True for the three DiffusionBlocks variants."""
         return self.name != "vit"
 
     @property
@@ -176,6 +177,7 @@ class Variant:
 
     @property
     def policy(self) -> Policy:
+        """What this variant keeps in host memory."""
         return VARIANTS[self.name]
 
 
@@ -280,6 +282,7 @@ class SavedTensorCounter:
 
     @property
     def nbytes(self) -> int:
+        """Total bytes of the distinct storages recorded so far."""
         return sum(self.storages.values())
 
     def __enter__(self) -> SavedTensorCounter:
@@ -356,7 +359,7 @@ def resident_bytes(v: Variant, block: int) -> dict[str, int]:
     return {
         "parameters": sum(p.nbytes for p in weights if on_accelerator(p, v.device)),
         "gradients": sum(g.nbytes for g in grads if on_accelerator(g, v.device)),
-        # Scalar step counters are left out: they are bytes, not megabytes.
+        # Scalar step counters (4 bytes per tensor) are left out; the offloader leaves them in place too.
         "optimizer": sum(t.nbytes for t in moments if on_accelerator(t, v.device)),
     }
 

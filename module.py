@@ -134,6 +134,10 @@ class LitClassifier(pl.LightningModule):
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         images, labels = batch
+        if batch_idx % self.trainer.accumulate_grad_batches == 0:
+            # Lightning clears gradients only after the forward pass; clearing them first frees the
+            # previous step's gradients during this forward and lets offloaded weights move without them.
+            self.optimizers().optimizer.zero_grad(set_to_none=True)
         if not self.is_dblock:
             loss = F.cross_entropy(self.model(images).float(), labels)
             self.check_finite(loss)

@@ -42,6 +42,7 @@ def tiny_run(tmp_path_factory):
 
 
 def numel(params) -> int:
+    """Number of scalars in some parameters."""
     return sum(p.numel() for p in params)
 
 

@@ -126,6 +126,6 @@ def test_readme_documents_every_flag():
     import main
 
     readme = (REPO / "README.md").read_text()
-    for command in (main.train, main.test):
+    for command in main.COMMANDS.values():
         for name in command.__code__.co_varnames[1 : command.__code__.co_kwonlyargcount + 1]:
             assert f"`--{name}`" in readme, name
