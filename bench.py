@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from errors import UserError
+from errors import UserError, check_at_least
 
 # Must equal main.Data and main.Precision: main imports this module, so this module cannot import main.
 Data = Literal["cifar10", "cifar100", "tiny-imagenet", "imagefolder"]
@@ -109,8 +109,8 @@ def bench(
     from data import dataset_info
     from vit import default_arch
 
-    check_counts(batch_size=batch_size, num_blocks=num_blocks, steps=steps, loader_batches=loader_batches)
-    check_counts(minimum=0, warmup_steps=warmup_steps, num_workers=num_workers)
+    check_at_least(batch_size=batch_size, num_blocks=num_blocks, steps=steps, loader_batches=loader_batches)
+    check_at_least(minimum=0, warmup_steps=warmup_steps, num_workers=num_workers)
     for flag, path in (("--output", output), ("--plot", plot)):
         if path is not None:
             check_writable(flag, path)
@@ -182,13 +182,6 @@ class Variant:
 
 
 # ---- input checks -------------------------------------------------------------------------------
-def check_counts(minimum: int = 1, **values: int) -> None:
-    """Fail with one line if any named count is below `minimum`."""
-    for name, value in values.items():
-        if value < minimum:
-            raise UserError(f"--{name} must be >= {minimum}, got {value}")
-
-
 def check_blocks(num_blocks: int, num_layers: int) -> None:
     """Reject a block count that does not divide the depth, before any model is built."""
     from dblock import DBlockConfig

@@ -21,11 +21,9 @@ class LineProgress(pl.Callback):
         self.every_s = every_s
         self._last_time = 0.0
         self._last_step = 0
-        self._start_step = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_time, self._last_step = time.monotonic(), trainer.global_step
-        self._start_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.monotonic()

@@ -17,7 +17,7 @@ from typing import Literal, NoReturn
 from jsonargparse import ArgumentParser, auto_cli
 
 from bench import bench
-from errors import UserError
+from errors import UserError, check_at_least
 
 Data = Literal["cifar10", "cifar100", "tiny-imagenet", "imagefolder"]
 ModelType = Literal["vit", "dblock"]
@@ -47,13 +47,6 @@ def parse_json_object(text: str, flag: str) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{flag} must be a JSON object such as '{{\"min_lr\": 5e-5}}', got {text!r}")
     return value
-
-
-def check_positive(**values: int) -> None:
-    """Fail with one line if any named count is below 1."""
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
 
 
 def is_launching_process() -> bool:
@@ -172,7 +165,7 @@ def train(
     from vit import default_arch
     import pytorch_lightning as pl
 
-    check_positive(
+    check_at_least(
         devices=devices, num_nodes=num_nodes, num_epochs=num_epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
         save_every_n_epochs=save_every_n_epochs, accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
         log_every_n_steps=log_every_n_steps,
@@ -275,7 +268,7 @@ def test(
     from data import ImageDataModule
     from experiment import make_trainer, module_from_checkpoint, read_checkpoint, write_metrics
 
-    check_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
+    check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
     ckpt = read_checkpoint(ckpt_path)
     overrides = {"num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge}
     module = module_from_checkpoint(ckpt, ckpt_path, model_type, overrides)

@@ -181,7 +181,7 @@ class LitClassifier(pl.LightningModule):
         checkpoint["rng_states"] = capture_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Restoring the generators makes a resume at an epoch boundary continue bit-exactly.
+        # With the step-derived data order (data.py), restoring the generators makes a resume bit-exact.
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
 

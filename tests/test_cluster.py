@@ -180,3 +180,18 @@ def test_ddp_two_cpu_processes_train_the_same_block(cifar_dir, tmp_path):
         assert all(r["blocks_with_grad"] == [r["block"]] for r in records)  # blocks not chosen get no gradient
     metrics = read_metrics(tmp_path / "logs" / "ddp" / "metrics.json")
     assert metrics["num_test_images"] == 12  # every test image scored exactly once across the two ranks
+
+
+def test_gradients_are_cleared_before_each_forward(cifar_dir, capsys, monkeypatch):
+    """The previous step's gradients are freed before the next forward (less peak memory, safe weight offload)."""
+    import dblock
+
+    real, stale = dblock.training_loss, []
+
+    def watching(model, *args, **kwargs):
+        stale.append(any(p.grad is not None for p in model.parameters()))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(dblock, "training_loss", watching)
+    assert run_cli(train_args(cifar_dir, "grads", "--offload_weights", "true", model_type="dblock", steps=2), capsys)[0] == 0
+    assert len(stale) == 6 and not any(stale)
