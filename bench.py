@@ -24,14 +24,11 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from errors import UserError, check_at_least
-
-# Must equal main.Data and main.Precision: main imports this module, so this module cannot import main.
-Data = Literal["cifar10", "cifar100", "tiny-imagenet", "imagefolder"]
-Precision = Literal["32", "bf16-mixed"]
-Accelerator = Literal["auto", "cpu", "gpu"]
+from fileio import write_atomic
+from flags import Accelerator, Data, Precision
 
 CUDA_METHOD = "cuda allocator peak"
 CPU_METHOD = "cpu exact accounting: saved tensors + params + grads + optimizer state"
@@ -135,9 +132,9 @@ def bench(
     report = assemble_report(results, loader, device, config)
     print(format_report(report))
     if output is not None:
-        write_atomic(output, "--output", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+        write_output(output, "--output", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
     if plot is not None:
-        write_atomic(plot, "--plot", lambda f: save_plot(report, f))
+        write_output(plot, "--plot", lambda f: save_plot(report, f))
     return report
 
 
@@ -600,15 +597,9 @@ def save_plot(report: dict, f) -> None:
     fig.savefig(f, format="png", dpi=120)
 
 
-def write_atomic(path: str, flag: str, write: Callable[[Any], Any]) -> None:
-    """Write a file through write(binary file) beside `path`, then rename it over `path`: readers never see half a file."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
+def write_output(path: str, flag: str, write: Callable[[Any], Any]) -> None:
+    """Write an output file atomically; an unwritable path becomes a one-line error naming the flag."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
+        write_atomic(path, write)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{flag} {path}: cannot write ({e.strerror or e}): choose another path") from None
-

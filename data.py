@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import pickle
@@ -22,6 +21,7 @@ from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import calculate_md5, check_md5
 
 from errors import UserError
 
@@ -148,8 +148,10 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
+        # Only the CPU generator the transforms draw from: torch.manual_seed would also queue
+        # CUDA/XPU/MTIA seeding (with a captured stack trace) for every sample.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 
@@ -249,23 +251,10 @@ def unavailable(data: str, data_dir: Path, reason: str) -> UserError:
     )
 
 
-def file_md5(path: Path) -> str:
-    """MD5 hex digest of a file, read in chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def stream_to_file(url: str, path: Path) -> str:
-    """Download `url` into `path`; returns the MD5 hex digest of what was written."""
-    digest = hashlib.md5(usedforsecurity=False)
+def stream_to_file(url: str, path: Path) -> None:
+    """Download `url` into `path`."""
     with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
-        while chunk := response.read(1 << 20):
-            digest.update(chunk)
-            f.write(chunk)
-    return digest.hexdigest()
+        shutil.copyfileobj(response, f, 1 << 20)
 
 
 def fetch_archive(data: str, data_dir: Path) -> Path:
@@ -273,14 +262,15 @@ def fetch_archive(data: str, data_dir: Path) -> Path:
     source = SOURCES[data]
     archive = data_dir / source.archive
     # A complete archive already here (kept from an earlier download, or placed by hand) spares the network.
-    if archive.is_file() and file_md5(archive) == source.md5:
+    if archive.is_file() and check_md5(str(archive), source.md5):
         return archive
     if os.environ.get(OFFLINE_ENV) == "1":
         raise unavailable(data, data_dir, f"offline: {OFFLINE_ENV}=1")
     part = data_dir / f"{source.archive}.part"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        digest = stream_to_file(source.url, part)
+        stream_to_file(source.url, part)
+        digest = calculate_md5(str(part))
         if digest != source.md5:
             raise unavailable(data, data_dir, f"checksum mismatch: got md5 {digest}, expected {source.md5}")
         # Renaming only a verified file means the archive name never holds a partial download.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import netrc
 import os
 import re
@@ -19,6 +18,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from callbacks import LineProgress, attached_to_terminal
 from errors import UserError
+from fileio import write_atomic, write_json_atomic
 from module import MODEL_TYPES, LitClassifier
 
 LOGS_DIR = Path("logs")
@@ -57,20 +57,12 @@ def find_resume_checkpoint(run_dir: Path) -> str | None:
     return str(newest)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file then rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written beside their destination and renamed, so a killed save never leaves a truncated file."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        tmp = f"{path}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
 
 
 # ---- logging ----------------------------------------------------------------------------------

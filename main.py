@@ -18,15 +18,7 @@ from jsonargparse import ArgumentParser, auto_cli
 
 from bench import bench
 from errors import UserError, check_at_least
-
-Data = Literal["cifar10", "cifar100", "tiny-imagenet", "imagefolder"]
-ModelType = Literal["vit", "dblock"]
-Scheduler = Literal[
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
-]  # transformers.get_scheduler names that need no validation metric
-Logger = Literal["wandb", "csv", "none"]
-Precision = Literal["32", "bf16-mixed"]
+from flags import Accelerator, Data, Logger, ModelType, Precision, Scheduler
 
 
 class OneLineErrorParser(ArgumentParser):
@@ -64,7 +56,7 @@ def train(
     postfix: str = "",
     devices: int = 1,
     num_nodes: int = 1,
-    accelerator: str = "auto",
+    accelerator: Accelerator = "auto",
     precision: Precision = "32",
     num_epochs: int = 500,
     max_steps: int = -1,
@@ -225,9 +217,9 @@ def save_resolved_config(run_dir: Path, config: dict) -> None:
     """config.yaml in the run folder: the flags of this run, loadable again with --config."""
     import yaml
 
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, run_dir / "config.yaml")
+    from fileio import write_text_atomic
+
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 def test(
@@ -239,7 +231,7 @@ def test(
     batch_size: int = 128,
     eval_batch_size: int | None = None,
     num_workers: int = 8,
-    accelerator: str = "auto",
+    accelerator: Accelerator = "auto",
     precision: Precision = "32",
     seed: int = 42,
     num_inference_steps: int | None = None,

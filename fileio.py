@@ -1,0 +1,34 @@
+"""Atomic file writes: every file this program leaves behind is whole or absent."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
+    """Call write(binary file) on a temporary file beside `path`, then rename it over `path`.
+
+    Readers never see half a file, and a failed write leaves no temporary file behind.
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write indented JSON atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
