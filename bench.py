@@ -60,7 +60,8 @@ def bench(
     data: Data,
     *,
     batch_size: int = 128,
-    num_blocks: int = 3,
+    num_blocks: int | None = None,
+    layers_per_block: str | None = None,
     hidden_size: int | None = None,
     num_hidden_layers: int | None = None,
     num_attention_heads: int | None = None,
@@ -84,7 +85,8 @@ def bench(
     Args:
         data: Dataset whose shape is used: cifar10, cifar100, tiny-imagenet or imagefolder (inputs are random; no image is read).
         batch_size: Training and inference batch size.
-        num_blocks: dblock: number of blocks B the layers are split into.
+        num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of --layers_per_block).
+        layers_per_block: dblock: layers of each block, block 0 first, e.g. 6,4,2 (default: the even split); the worst block is reported.
         hidden_size: Transformer width (default per dataset: 128; tiny-imagenet 768).
         num_hidden_layers: Transformer depth (default 12).
         num_attention_heads: Attention heads (default 4; tiny-imagenet 12).
@@ -104,8 +106,11 @@ def bench(
         data_dir: imagefolder only: folder whose train/ class folders give the number of classes.
     """
     from data import dataset_info
+    from dblock import parse_layers_per_block, resolve_num_blocks
     from vit import default_arch
 
+    layout = parse_layers_per_block(layers_per_block)
+    num_blocks = resolve_num_blocks(num_blocks, layout)
     check_at_least(batch_size=batch_size, num_blocks=num_blocks, steps=steps, loader_batches=loader_batches)
     check_at_least(minimum=0, warmup_steps=warmup_steps, num_workers=num_workers)
     for flag, path in (("--output", output), ("--plot", plot)):
@@ -115,12 +120,12 @@ def bench(
         data, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
         intermediate_size=intermediate_size, patch_size=patch_size, image_size=image_size,
     )
-    check_blocks(num_blocks, arch.num_hidden_layers)
+    check_blocks(num_blocks, layout, arch.num_hidden_layers)
     info = dataset_info(data, data_dir)
     device = resolve_device(accelerator)
     use_recipe_matmul_precision(device, precision)
     run = RunConfig(
-        batch_size=batch_size, num_blocks=num_blocks, precision=precision, compile=compile, steps=steps,
+        batch_size=batch_size, num_blocks=num_blocks, layers_per_block=layout, precision=precision, compile=compile, steps=steps,
         warmup_steps=warmup_steps, seed=seed,
     )
     results = {name: measure_variant(name, arch, info.num_classes, device, run) for name in VARIANTS}
@@ -144,6 +149,7 @@ class RunConfig:
 
     batch_size: int
     num_blocks: int
+    layers_per_block: tuple[int, ...] | None  # None: the even split
     precision: str
     compile: bool
     steps: int
@@ -179,11 +185,11 @@ class Variant:
 
 
 # ---- input checks -------------------------------------------------------------------------------
-def check_blocks(num_blocks: int, num_layers: int) -> None:
-    """Reject a block count that does not divide the depth, before any model is built."""
+def check_blocks(num_blocks: int, layout: tuple[int, ...] | None, num_layers: int) -> None:
+    """Reject a block split the depth does not allow, before any model is built."""
     from dblock import DBlockConfig
 
-    DBlockConfig(num_blocks=num_blocks).validate(num_layers)
+    DBlockConfig(num_blocks=num_blocks, layers_per_block=layout).validate(num_layers)
 
 
 def check_writable(flag: str, path: str) -> None:
@@ -228,7 +234,7 @@ def build_variant(name: str, arch, num_labels: int, device, run: RunConfig) -> V
     if name == "vit":
         model = ViTClassifier(arch=arch, num_labels=num_labels)
     else:
-        model = dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dblock.DBlockConfig(num_blocks=run.num_blocks))
+        model = dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dblock.DBlockConfig(num_blocks=run.num_blocks, layers_per_block=run.layers_per_block))
     model.to(device).train()
     if run.compile:
         model.compile()
@@ -302,7 +308,7 @@ def train_step(v: Variant, batch, block: int, count_saved: bool = False) -> int:
     counter = SavedTensorCounter(v.model.parameters()) if count_saved else contextlib.nullcontext()
     with counter, autocast(v):
         if v.is_dblock:
-            loss, _ = dblock.training_loss(v.model, images, labels, block)
+            loss = dblock.training_loss(v.model, images, labels, block)[0]
         else:
             loss = F.cross_entropy(v.model(images).float(), labels)
     loss.backward()
@@ -536,6 +542,12 @@ def versions() -> dict[str, str]:
     return found
 
 
+def layout_note(config: dict) -> str:
+    """` (layers 6,4,2)` for an uneven block layout, empty for the even split."""
+    layout = config.get("layers_per_block")
+    return f" (layers {','.join(map(str, layout))})" if layout else ""
+
+
 def format_report(report: dict) -> str:
     """The human-readable table: one row per variant, then the loader and the ratios against the targets."""
     c = report["config"]
@@ -544,7 +556,7 @@ def format_report(report: dict) -> str:
         f"{'train s':>10}{'infer s':>10}{'train img/s':>13}{'infer img/s':>13}"
     )
     lines = [
-        f"bench {c['data']}: batch {c['batch_size']}, B={c['num_blocks']}, precision {c['precision']}"
+        f"bench {c['data']}: batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)}, precision {c['precision']}"
         f"{', compiled' if c['compile'] else ''}; hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
         f"{c['num_attention_heads']} heads, MLP {c['intermediate_size']}, patch {c['patch_size']}, {c['image_size']} px, "
         f"{c['num_labels']} classes",
@@ -592,7 +604,7 @@ def save_plot(report: dict, f) -> None:
         ax.annotate(f"{report[n]['peak_memory_bytes'] / MIB:.0f}", (i, bottom[i]), ha="center", va="bottom")
     c = report["config"]
     ax.set_ylabel("MiB")
-    ax.set_title(f"Training-step memory, {c['data']}, batch {c['batch_size']}, B={c['num_blocks']} ({report['method'].split(':')[0]})", fontsize=9)
+    ax.set_title(f"Training-step memory, {c['data']}, batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)} ({report['method'].split(':')[0]})", fontsize=9)
     ax.legend()
     fig.savefig(f, format="png", dpi=120)
 

@@ -2,8 +2,8 @@
 
 Token 0 carries the noisy label state z (scaled by c_in); tokens 1..P are image patches. Every
 layer is modulated by the noise level through an adaptive LayerNorm (adaLN-Zero: each layer starts
-as the identity). Block b owns layers [b L/B, (b+1) L/B) and denoises the b-th noise range, block 0
-the highest noise. The stem (patch, position and label embeddings, noise MLP) and the head (final
+as the identity). Block b owns a contiguous group of layers (L/B each by default, or any
+--layers_per_block allocation) and denoises the b-th noise range, block 0 the highest noise. The stem (patch, position and label embeddings, noise MLP) and the head (final
 LayerNorm, final adaptive LayerNorm, classifier) are shared by all blocks.
 """
 
@@ -25,30 +25,61 @@ NOISE_FEATURES = 256  # width of the sinusoidal noise-level features
 
 @dataclass(frozen=True)
 class DBlockConfig:
-    """Block split and the released program's two switchable quirks."""
+    """Block layout, noise partition and the released program's two switchable quirks."""
 
     num_blocks: int = 3
     gamma: float = 0.05  # log-space overlap between neighbouring blocks' training ranges
+    # Layers of each block, block 0 (highest noise) first; None = the even split (released).
+    layers_per_block: tuple[int, ...] | None = None
+    partition: str = "equiprob"  # block boundaries: equi-probability (released) or uniform in log sigma
     # Released quirk (a): loss = mean(CE) * mean(w) instead of the paper's mean(CE * w).
     batch_mean_loss_weight: bool = True
     # Released quirk (b): the inference bridge mixes RAW label-embedding rows, although training
     # targets are the L2-normalised rows.
     raw_embedding_bridge: bool = True
-    class_dropout_prob: float = 0.0  # training: probability of replacing an image by zeros (for CFG)
+
+    def layout(self, num_layers: int) -> tuple[int, ...]:
+        """Number of layers in each block, block 0 first."""
+        return self.layers_per_block or (num_layers // self.num_blocks,) * self.num_blocks
 
     def validate(self, num_layers: int) -> None:
         """Reject block splits and ranges the method cannot use, naming the flag to change."""
         if self.num_blocks < 1:
             raise UserError(f"--num_blocks must be >= 1, got {self.num_blocks}")
-        if num_layers % self.num_blocks:
+        if self.layers_per_block is not None:
+            layout = ",".join(map(str, self.layers_per_block))
+            if len(self.layers_per_block) != self.num_blocks:
+                raise UserError(f"--layers_per_block {layout} has {len(self.layers_per_block)} blocks but --num_blocks is {self.num_blocks}: drop --num_blocks or make them agree")
+            if min(self.layers_per_block) < 1 or sum(self.layers_per_block) != num_layers:
+                raise UserError(f"--layers_per_block {layout} must be positive numbers summing to --num_hidden_layers {num_layers}")
+        elif num_layers % self.num_blocks:
             raise UserError(
                 f"--num_hidden_layers {num_layers} is not divisible by --num_blocks {self.num_blocks}: "
-                "choose a block count that divides the depth"
+                "choose a block count that divides the depth, or give --layers_per_block"
             )
+        if self.partition not in edm.PARTITIONS:
+            raise UserError(f"--partition must be one of {', '.join(edm.PARTITIONS)}, got {self.partition!r}")
         if not 0.0 <= self.gamma < 0.5:
             raise UserError(f"--gamma must be in [0, 0.5), got {self.gamma}")
-        if not 0.0 <= self.class_dropout_prob <= 1.0:
-            raise UserError(f"--class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
+
+
+def parse_layers_per_block(text: str | None) -> tuple[int, ...] | None:
+    """`6,4,2` -> (6, 4, 2); None stays None; anything else is a one-line error."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        raise UserError(f"--layers_per_block {text!r} must be comma-separated layer counts such as 6,4,2") from None
+
+
+def resolve_num_blocks(num_blocks: int | None, layout: tuple[int, ...] | None) -> int:
+    """B: --num_blocks if given (it must agree with --layers_per_block), else the layout's length, else 3."""
+    if layout is not None and num_blocks is not None and num_blocks != len(layout):
+        raise UserError(
+            f"--num_blocks {num_blocks} disagrees with --layers_per_block {','.join(map(str, layout))} ({len(layout)} blocks): drop one of them"
+        )
+    return num_blocks or (len(layout) if layout else 3)
 
 
 def sinusoidal_features(x: torch.Tensor, dim: int = NOISE_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
@@ -144,11 +175,11 @@ class DiffusionBlocksViT(nn.Module):
         self.embed_dropout = nn.Dropout(arch.hidden_dropout_prob)
         self.label_embed = nn.Embedding(num_labels, d)
         self.noise_embed = NoiseEmbedder(cond_dim)
-        # Blocks
-        per_block = arch.num_hidden_layers // dcfg.num_blocks
+        # Blocks, and the ascending noise boundaries that assign them their ranges
         self.blocks = nn.ModuleList(
-            nn.ModuleList(AdaLNLayer(arch, cond_dim) for _ in range(per_block)) for _ in range(dcfg.num_blocks)
+            nn.ModuleList(AdaLNLayer(arch, cond_dim) for _ in range(n)) for n in dcfg.layout(arch.num_hidden_layers)
         )
+        self.boundaries = edm.partition_boundaries(dcfg.partition, dcfg.num_blocks, edm_cfg)
         # Head (shared)
         self.final_norm = nn.LayerNorm(d, eps=arch.layer_norm_eps)
         self.final_ada = nn.Linear(cond_dim, 2 * d)
@@ -158,6 +189,14 @@ class DiffusionBlocksViT(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    def training_range(self, block: int) -> tuple[float, float]:
+        """The gamma-widened noise range a block is trained on."""
+        return edm.widened_block_range(block, self.boundaries, self.dcfg.gamma, self.edm_cfg)
+
+    def block_of_sigma(self, sigma: float) -> int:
+        """The block that denoises noise level sigma at inference."""
+        return edm.block_of_sigma(sigma, self.boundaries)
 
     def reset_parameters(self) -> None:
         """ViT init (truncated normal 0.02, zero biases) with adaLN-Zero: modulations and classifier start at zero."""
@@ -218,48 +257,101 @@ class DiffusionBlocksViT(nn.Module):
         return self.classifier(D_x * (1 + scale) + shift)
 
 
-def training_loss(
-    model: DiffusionBlocksViT, images: torch.Tensor, labels: torch.Tensor, block: int, generator: torch.Generator | None = None
+def block_table(model: DiffusionBlocksViT) -> list[dict]:
+    """Per block, block 0 first: its layer indices, noise range, gamma-widened training range and the
+    probability mass of the (truncated) training log-normal inside its range."""
+    rows, first = [], 0
+    for b, layers in enumerate(model.blocks):
+        lo, hi = edm.block_range(b, model.boundaries)
+        rows.append(
+            {
+                "block": b,
+                "layers": list(range(first, first + len(layers))),
+                "sigma_range": [lo, hi],
+                "widened_range": list(model.training_range(b)),
+                "probability_mass": edm.probability_mass(lo, hi, model.edm_cfg),
+            }
+        )
+        first += len(layers)
+    return rows
+
+
+def denoising_losses(
+    model: DiffusionBlocksViT, images: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted cross-entropy of one block on a batch: returns (loss, mean unweighted CE)."""
-    n, dcfg = labels.shape[0], model.dcfg
-    lo, hi = edm.widened_block_range(block, dcfg.num_blocks, dcfg.gamma, model.edm_cfg)
-    sigma = edm.sample_truncated_lognormal(n, lo, hi, cfg=model.edm_cfg, device=images.device, generator=generator)
+    """Per-sample cross-entropy (N,) of one block denoising target + sigma * eps, and the EDM weights w(sigma) (N,)."""
     target = model.clean_targets(labels)  # (N, D)
-    z = target + edm.append_dims(sigma, 2) * torch.randn(target.shape, device=target.device, generator=generator)
-    if model.training and dcfg.class_dropout_prob > 0:
-        keep = torch.rand(n, device=images.device, generator=generator) >= dcfg.class_dropout_prob
-        images = images * edm.append_dims(keep, images.ndim).to(images.dtype)
+    z = target + edm.append_dims(sigma, 2) * eps
     logits = model(images, z, sigma, block)
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
-    w = edm.loss_weight(sigma, model.edm_cfg.sigma_data)  # (N,)
-    loss = ce.mean() * w.mean() if dcfg.batch_mean_loss_weight else (ce * w).mean()
-    return loss, ce.mean()
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    return ce, edm.loss_weight(sigma, model.edm_cfg.sigma_data)
+
+
+def reduce_loss(ce: torch.Tensor, w: torch.Tensor, batch_mean_loss_weight: bool) -> torch.Tensor:
+    """The batch loss: released mean(CE) * mean(w) (its N x N broadcast), or the paper's mean(CE * w)."""
+    return ce.mean() * w.mean() if batch_mean_loss_weight else (ce * w).mean()
+
+
+def training_loss(
+    model: DiffusionBlocksViT,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    block: int,
+    generator: torch.Generator | None = None,
+    class_dropout_prob: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted cross-entropy of one block on a batch, with sigmas, noise and image dropout drawn from `generator`.
+
+    Returns (loss, mean unweighted CE, the drawn sigmas). Images are blanked with `class_dropout_prob` (for guidance).
+    """
+    n = labels.shape[0]
+    lo, hi = model.training_range(block)
+    sigma = edm.sample_truncated_lognormal(n, lo, hi, cfg=model.edm_cfg, device=images.device, generator=generator)
+    eps = torch.randn((n, model.arch.hidden_size), device=images.device, generator=generator)
+    if model.training and class_dropout_prob > 0:
+        keep = torch.rand(n, device=images.device, generator=generator) >= class_dropout_prob
+        images = images * edm.append_dims(keep, images.ndim).to(images.dtype)
+    ce, w = denoising_losses(model, images, labels, sigma, eps, block)
+    return reduce_loss(ce, w, model.dcfg.batch_mean_loss_weight), ce.mean(), sigma
 
 
 def guided_logits(model: DiffusionBlocksViT, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int, cfg_scale: float) -> torch.Tensor:
-    """Logits with classifier-free guidance cond + s * (cond - uncond); the unconditional input is an all-zero image."""
+    """Logits with classifier-free guidance uncond + s * (cond - uncond) as released (s = 0: guidance off);
+    the unconditional input is an all-zero image."""
     cond = model(images, z, sigma, block)
     if cfg_scale == 0.0:
         return cond
     uncond = model(torch.zeros_like(images), z, sigma, block)
-    return cond + cfg_scale * (cond - uncond)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def sampler_grid(num_steps: int, cfg: edm.EDMConfig) -> list[float]:
+    """The inference sigmas rounded to float32, as the released sampler holds them (this decides boundary routing)."""
+    return torch.tensor(edm.inference_sigmas(num_steps, cfg), dtype=torch.float32).tolist()
 
 
 @torch.no_grad()
 def sample_logits(
-    model: DiffusionBlocksViT, images: torch.Tensor, num_steps: int, cfg_scale: float = 0.0, generator: torch.Generator | None = None
+    model: DiffusionBlocksViT,
+    images: torch.Tensor,
+    num_steps: int,
+    cfg_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+    z0: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Euler sampler over the CDF-spaced sigma grid; each sigma is denoised by the block whose range holds it."""
-    sigmas = edm.inference_sigmas(num_steps, model.edm_cfg)
+    """Euler sampler over the CDF-spaced sigma grid; each sigma is denoised by the block whose range holds it.
+
+    z0 is the unscaled starting noise (N, D); drawn from `generator` when not given.
+    """
+    sigmas = sampler_grid(num_steps, model.edm_cfg)
     n, d = images.shape[0], model.arch.hidden_size
-    z = torch.randn(n, d, device=images.device, generator=generator) * math.sqrt(1.0 + sigmas[0] ** 2)
+    if z0 is None:
+        z0 = torch.randn(n, d, device=images.device, generator=generator)
+    z = z0 * math.sqrt(1.0 + sigmas[0] ** 2)
     table = model.bridge_table()
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        block = edm.block_of_sigma(sigma, model.num_blocks, model.edm_cfg)
-        logits = guided_logits(model, images, z, torch.full((n,), sigma, device=images.device), block, cfg_scale)
+        logits = guided_logits(model, images, z, torch.full((n,), sigma, device=images.device), model.block_of_sigma(sigma), cfg_scale)
         denoised = logits.float().softmax(dim=-1) @ table.float()  # (N, D)
         z = edm.euler_step(z, denoised, sigma, sigma_next)
     last = sigmas[-1]
-    block = edm.block_of_sigma(last, model.num_blocks, model.edm_cfg)
-    return guided_logits(model, images, z, torch.full((n,), last, device=images.device), block, cfg_scale)
+    return guided_logits(model, images, z, torch.full((n,), last, device=images.device), model.block_of_sigma(last), cfg_scale)

@@ -8,6 +8,7 @@ HIGHEST noise levels, block B-1 the lowest.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -86,6 +87,9 @@ def cdf_range(cfg: EDMConfig = EDMConfig()) -> tuple[float, float]:
     return sigma_to_cdf(cfg.sigma_min, cfg), sigma_to_cdf(cfg.sigma_max, cfg)
 
 
+PARTITIONS = ("equiprob", "uniform")
+
+
 def block_boundaries(num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
     """Equi-probability boundaries sigma_0 < ... < sigma_B (ascending) splitting the truncated log-normal into B equal masses."""
     if num_blocks < 1:
@@ -95,31 +99,57 @@ def block_boundaries(num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[floa
     return [cfg.sigma_min, *inner, cfg.sigma_max]
 
 
-def block_range(block: int, num_blocks: int, cfg: EDMConfig = EDMConfig()) -> tuple[float, float]:
-    """(lo, hi) noise range of a block; block 0 holds the highest noise."""
-    bounds = block_boundaries(num_blocks, cfg)
-    k = num_blocks - 1 - block
+def uniform_boundaries(num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
+    """Boundaries at equal intervals of log sigma between sigma_min and sigma_max (the paper's uniform partition), ascending."""
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    lo, hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
+    inner = [math.exp(lo + (hi - lo) * i / num_blocks) for i in range(1, num_blocks)]
+    return [cfg.sigma_min, *inner, cfg.sigma_max]
+
+
+def partition_boundaries(partition: str, num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
+    """Ascending block boundaries of a named partition: `equiprob` (released) or `uniform` in log sigma."""
+    if partition == "equiprob":
+        return block_boundaries(num_blocks, cfg)
+    if partition == "uniform":
+        return uniform_boundaries(num_blocks, cfg)
+    raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+
+
+def block_range(block: int, bounds: list[float]) -> tuple[float, float]:
+    """(lo, hi) noise range of a block given ascending boundaries; block 0 holds the highest noise."""
+    k = len(bounds) - 2 - block
     return bounds[k], bounds[k + 1]
 
 
-def widened_block_range(block: int, num_blocks: int, gamma: float, cfg: EDMConfig = EDMConfig()) -> tuple[float, float]:
+def widened_block_range(block: int, bounds: list[float], gamma: float, cfg: EDMConfig = EDMConfig()) -> tuple[float, float]:
     """Block range widened by gamma * ln(hi/lo) on each side in log space, clipped to [sigma_min, sigma_max]."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    lo, hi = block_range(block, num_blocks, cfg)
+    lo, hi = block_range(block, bounds)
     margin = gamma * math.log(hi / lo)
     lo_w = max(cfg.sigma_min, math.exp(math.log(lo) - margin))
     hi_w = min(cfg.sigma_max, math.exp(math.log(hi) + margin))
     return lo_w, hi_w
 
 
-def block_of_sigma(sigma: float, num_blocks: int, cfg: EDMConfig = EDMConfig()) -> int:
-    """The block whose (unwidened) range holds sigma; block 0 holds the highest noise."""
-    bounds = block_boundaries(num_blocks, cfg)
-    for k in range(num_blocks - 1, 0, -1):
-        if sigma >= bounds[k]:
-            return num_blocks - 1 - k
-    return num_blocks - 1
+def probability_mass(lo: float, hi: float, cfg: EDMConfig = EDMConfig()) -> float:
+    """Share of the training log-normal, truncated to [sigma_min, sigma_max], that lies in [lo, hi]."""
+    q_lo, q_hi = cdf_range(cfg)
+    return (sigma_to_cdf(hi, cfg) - sigma_to_cdf(lo, cfg)) / (q_hi - q_lo)
+
+
+def block_of_sigma(sigma: float, bounds: list[float]) -> int:
+    """The block whose (unwidened) range holds sigma; block 0 holds the highest noise.
+
+    As released (torch.bucketize with right=True): a sigma equal to a boundary belongs to the range
+    above it, and sigmas outside [sigma_0, sigma_B] go to the nearest end block. The released
+    sampler compares its float32 grid against float64 boundaries, so callers pass float32 sigmas.
+    """
+    num_blocks = len(bounds) - 1
+    ascending = min(max(bisect.bisect_right(bounds, sigma) - 1, 0), num_blocks - 1)
+    return num_blocks - 1 - ascending
 
 
 def sample_truncated_lognormal(

@@ -17,8 +17,9 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from callbacks import LineProgress, attached_to_terminal
+import released
 from errors import UserError
-from fileio import write_atomic, write_json_atomic
+from fileio import write_atomic, write_json_atomic, write_text_atomic
 from module import MODEL_TYPES, LitClassifier
 
 LOGS_DIR = Path("logs")
@@ -96,7 +97,7 @@ def make_logger(kind: str, *, data: str, run_name: str, run_dir: Path, debug: bo
 
 # ---- checkpoints ------------------------------------------------------------------------------
 def read_checkpoint(path: str) -> dict:
-    """Open a checkpoint safely (weights_only) and check it was written by this program."""
+    """Open a checkpoint safely (weights_only): one written by this program, or one of the released program, converted."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"checkpoint {path} does not exist: pass --ckpt_path a .ckpt file written by train, e.g. logs/<run>/last.ckpt")
@@ -104,8 +105,10 @@ def read_checkpoint(path: str) -> dict:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}): use another checkpoint from the run folder") from None
+    if released.is_released_checkpoint(ckpt):
+        return released.convert_checkpoint(ckpt, path)
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "state_dict" not in ckpt or hparams.get("model_type") not in MODEL_TYPES:
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or hparams.get("model_type") not in MODEL_TYPES:
         raise UserError(f"checkpoint {path} was not written by this program's train command: pass a logs/<run>/*.ckpt file")
     return ckpt
 
@@ -130,7 +133,11 @@ def module_from_checkpoint(ckpt: dict, path: str, model_type: str | None, overri
 def check_resumable(ckpt: dict, path: str, hparams) -> None:
     """Resuming needs the same model type, architecture and class count as the checkpoint's."""
     saved = ckpt["hyper_parameters"]
-    keys = ("model_type", "arch", "num_labels") + (("num_blocks",) if saved.get("model_type") == "dblock" else ())
+    if ckpt.get(released.CONVERTED):
+        raise UserError(f"checkpoint {path} is the released program's: `main.py test` scores it, but training cannot resume from it; start a new run")
+    keys = ("model_type", "arch", "num_labels")
+    if saved.get("model_type") == "dblock":
+        keys += ("num_blocks", "layers_per_block", "partition")
     for key in keys:
         if saved.get(key) != hparams.get(key):
             raise UserError(
@@ -188,6 +195,13 @@ def make_trainer(
         log_every_n_steps=log_every_n_steps,
         num_sanity_val_steps=0,
     )
+
+
+def write_predictions(path: Path, module: LitClassifier) -> None:
+    """predictions.csv: one row per test image in dataset order (index, label, prediction), to compare runs image by image."""
+    rows = torch.cat(module.predictions).tolist() if module.predictions else []
+    lines = ["index,label,prediction", *(f"{i},{label},{pred}" for i, (label, pred) in enumerate(rows))]
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def write_metrics(path: Path, module: LitClassifier, ckpt_path: str | None) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from edm import PARTITIONS
+
 Data = Literal["cifar10", "cifar100", "tiny-imagenet", "imagefolder"]
 ModelType = Literal["vit", "dblock"]
 Scheduler = Literal[
@@ -13,3 +15,4 @@ Scheduler = Literal[
 Logger = Literal["wandb", "csv", "none"]
 Precision = Literal["32", "bf16-mixed"]
 Accelerator = Literal["auto", "cpu", "gpu"]
+Partition = Literal[PARTITIONS]

@@ -18,7 +18,7 @@ from jsonargparse import ArgumentParser, auto_cli
 
 from bench import bench
 from errors import UserError, check_at_least
-from flags import Accelerator, Data, Logger, ModelType, Precision, Scheduler
+from flags import Accelerator, Data, Logger, ModelType, Partition, Precision, Scheduler
 
 
 class OneLineErrorParser(ArgumentParser):
@@ -86,7 +86,9 @@ def train(
     intermediate_size: int | None = None,
     patch_size: int | None = None,
     image_size: int | None = None,
-    num_blocks: int = 3,
+    num_blocks: int | None = None,
+    layers_per_block: str | None = None,
+    partition: Partition = "equiprob",
     gamma: float = 0.05,
     num_inference_steps: int | None = None,
     cfg_scale: float = 0.0,
@@ -137,11 +139,13 @@ def train(
         intermediate_size: MLP width (default 3072).
         patch_size: Patch side in pixels (default 4).
         image_size: Input side in pixels (default 32; tiny-imagenet 64).
-        num_blocks: dblock: number of blocks B the layers are split into.
+        num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of --layers_per_block).
+        layers_per_block: dblock: layers of each block, block 0 (highest noise) first, e.g. 6,4,2 (default: the even split).
+        partition: dblock: noise-range boundaries: equiprob (equal training probability, released) or uniform (equal width in log sigma).
         gamma: dblock: log-space overlap of neighbouring blocks' noise ranges.
         num_inference_steps: dblock: sampler steps at test time (default num_blocks).
-        cfg_scale: dblock: classifier-free guidance scale at test time (0 = off).
-        class_dropout_prob: dblock: training probability of blanking the image (for guidance).
+        cfg_scale: dblock: classifier-free guidance scale at test time (0 = off; 1 = the conditional logits).
+        class_dropout_prob: dblock: training probability of blanking the image; as released, only with --cfg_scale > 0.
         batch_mean_loss_weight: dblock: released loss mean(CE) x mean(w); false = the paper's mean(CE x w).
         raw_embedding_bridge: dblock: released sampler mixes raw label embeddings; false = the L2-normalised ones.
         offload_optimizer: dblock: keep AdamW moments of blocks not being trained in host memory (same numerics).
@@ -153,6 +157,7 @@ def train(
         check_resumable, find_resume_checkpoint, make_logger, make_trainer, read_checkpoint, resolve_run_dir, write_metrics,
     )
     from data import ImageDataModule
+    from dblock import parse_layers_per_block, resolve_num_blocks
     from module import LitClassifier, check_scheduler
     from vit import default_arch
     import pytorch_lightning as pl
@@ -164,6 +169,8 @@ def train(
     )
     if offload_weights and (devices > 1 or num_nodes > 1):
         raise UserError("--offload_weights works on one device only (DDP needs every weight on its device): drop it or use --devices 1")
+    layout = parse_layers_per_block(layers_per_block)
+    num_blocks = resolve_num_blocks(num_blocks, layout)
     sched_kwargs = parse_json_object(scheduler_specific_kwargs, "--scheduler_specific_kwargs")
     check_scheduler(scheduler_type, num_warmup_steps, sched_kwargs)
     arch = default_arch(
@@ -179,6 +186,7 @@ def train(
         model_type=model_type, arch=arch.to_dict(), num_labels=dm.info.num_classes, lr=lr, weight_decay=weight_decay,
         scheduler_type=scheduler_type, num_warmup_steps=num_warmup_steps, scheduler_specific_kwargs=sched_kwargs, seed=seed,
         gradient_checkpointing=gradient_checkpointing, num_blocks=num_blocks, gamma=gamma,
+        layers_per_block=list(layout) if layout else None, partition=partition,
         batch_mean_loss_weight=batch_mean_loss_weight, raw_embedding_bridge=raw_embedding_bridge,
         class_dropout_prob=class_dropout_prob, num_inference_steps=num_inference_steps, cfg_scale=cfg_scale,
         offload_optimizer=offload_optimizer, offload_weights=offload_weights, compile_model=compile,
@@ -206,11 +214,29 @@ def train(
     )
     if trainer.is_global_zero:
         save_resolved_config(run_dir, config)
+        if model_type == "dblock":
+            write_block_table(run_dir, module.model)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     trainer.test(module, datamodule=dm, verbose=True)
     if trainer.is_global_zero:
         return write_metrics(run_dir / "metrics.json", module, str(run_dir / "last.ckpt"))
     return {}
+
+
+def write_block_table(run_dir: Path, model) -> None:
+    """blocks.json in the run folder, and one line per block on stdout: layers, noise ranges, probability mass."""
+    from dblock import block_table
+    from fileio import write_json_atomic
+
+    table = block_table(model)
+    for row in table:
+        lo, hi = row["sigma_range"]
+        wlo, whi = row["widened_range"]
+        print(
+            f"block {row['block']}: layers {row['layers'][0]}-{row['layers'][-1]}, sigma [{lo:.6g}, {hi:.6g}] "
+            f"(trained on [{wlo:.6g}, {whi:.6g}]), probability mass {row['probability_mass']:.4f}"
+        )
+    write_json_atomic(run_dir / "blocks.json", {"blocks": table})
 
 
 def save_resolved_config(run_dir: Path, config: dict) -> None:
@@ -237,6 +263,7 @@ def test(
     num_inference_steps: int | None = None,
     cfg_scale: float | None = None,
     raw_embedding_bridge: bool | None = None,
+    save_predictions: bool = False,
 ) -> dict:
     """Score a checkpoint on DATA's test split; writes metrics.json next to the checkpoint.
 
@@ -254,11 +281,12 @@ def test(
         num_inference_steps: dblock: sampler steps (default: the checkpoint's, else num_blocks); any value works.
         cfg_scale: dblock: classifier-free guidance scale (default: the checkpoint's).
         raw_embedding_bridge: dblock: override the checkpoint's bridge quirk (true = released raw table).
+        save_predictions: Also write predictions.csv (index, label, prediction per test image, in dataset order) next to metrics.json.
     """
     import pytorch_lightning as pl
 
     from data import ImageDataModule
-    from experiment import make_trainer, module_from_checkpoint, read_checkpoint, write_metrics
+    from experiment import make_trainer, module_from_checkpoint, read_checkpoint, write_metrics, write_predictions
 
     check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
     ckpt = read_checkpoint(ckpt_path)
@@ -280,7 +308,10 @@ def test(
         run_dir=run_dir, logger=False, accelerator=accelerator, devices=1, num_nodes=1, precision=precision, max_epochs=1,
         max_steps=-1, accumulate_grad_batches=1, save_every_n_epochs=1, save_top_k=0, find_unused_parameters=False,
     )
+    module.save_predictions = save_predictions
     trainer.test(module, datamodule=dm, verbose=True)
+    if save_predictions:
+        write_predictions(run_dir / "predictions.csv", module)
     return write_metrics(run_dir / "metrics.json", module, str(ckpt_path))
 
 

@@ -43,6 +43,13 @@ def block_for_step(seed: int, step: int, num_blocks: int) -> int:
     return int(torch.randint(num_blocks, (1,), generator=g))
 
 
+def noise_generator(seed: int, step: int, rank: int, micro_batch: int, device: torch.device) -> torch.Generator:
+    """Generator of one micro-batch's sigmas, noise and image dropout: derived from (seed, step, rank, micro-batch),
+    so DDP ranks draw different noise and a resumed run draws exactly what the straight run would."""
+    key = ((seed * 1_000_003 + step) * 1_009 + rank) * 1_013 + micro_batch
+    return torch.Generator(device=device).manual_seed(key % (2**63))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, num_warmup_steps: int, num_training_steps: int, kwargs: dict):
     """The released schedule: transformers.get_scheduler, stepped every optimizer step."""
     return get_scheduler(
@@ -83,6 +90,8 @@ class LitClassifier(pl.LightningModule):
         gradient_checkpointing: bool = False,
         num_blocks: int = 3,
         gamma: float = 0.05,
+        layers_per_block: list[int] | None = None,
+        partition: str = "equiprob",
         batch_mean_loss_weight: bool = True,
         raw_embedding_bridge: bool = True,
         class_dropout_prob: float = 0.0,
@@ -95,6 +104,8 @@ class LitClassifier(pl.LightningModule):
         super().__init__()
         if model_type not in MODEL_TYPES:
             raise UserError(f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
+        if not 0.0 <= class_dropout_prob <= 1.0:
+            raise UserError(f"--class_dropout_prob must be in [0, 1], got {class_dropout_prob}")
         self.save_hyperparameters()
         arch_cfg = ArchConfig(**(arch or {}))
         if model_type == "vit":
@@ -105,16 +116,22 @@ class LitClassifier(pl.LightningModule):
             dcfg = dblock.DBlockConfig(
                 num_blocks=num_blocks,
                 gamma=gamma,
+                layers_per_block=tuple(layers_per_block) if layers_per_block else None,
+                partition=partition,
                 batch_mean_loss_weight=batch_mean_loss_weight,
                 raw_embedding_bridge=raw_embedding_bridge,
-                class_dropout_prob=class_dropout_prob,
             )
             self.model = dblock.DiffusionBlocksViT(arch=arch_cfg, num_labels=num_labels, dcfg=dcfg)
         use_offload = model_type == "dblock" and (offload_optimizer or offload_weights)
         self.offloader = BlockOffloader(self.model.blocks, offload_weights=offload_weights) if use_offload else None
+        # As released, images are blanked for guidance only when guidance is on.
+        self.class_dropout = class_dropout_prob if cfg_scale > 0 else 0.0
         self.current_block: int | None = None
+        self.last_sigma: torch.Tensor | None = None  # the last step's noise levels (block trace)
         self._correct = 0
         self._total = 0
+        self.save_predictions = False  # test: keep every prediction for predictions.csv
+        self.predictions: list[torch.Tensor] = []
         self.test_results: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
@@ -147,7 +164,8 @@ class LitClassifier(pl.LightningModule):
         self.current_block = block
         if self.offloader is not None:
             self.offloader.activate(block, self.optimizers().optimizer, self.device)
-        loss, ce = dblock.training_loss(self.model, images, labels, block)
+        g = noise_generator(self.hparams.seed, self.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches, self.device)
+        loss, ce, self.last_sigma = dblock.training_loss(self.model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout)
         self.check_finite(loss)
         self.log_dict({"train/loss": loss, "train/ce_loss": ce}, prog_bar=True)
         self.log_dict({f"train/loss_{block}": loss, f"train/ce_loss_{block}": ce, "train/block": float(block)})
@@ -170,9 +188,12 @@ class LitClassifier(pl.LightningModule):
             self.trace_block()
 
     def trace_block(self) -> None:
-        """Append this rank's drawn block and the blocks holding gradients to <trace dir>/rank<r>.jsonl."""
+        """Append this rank's drawn block, the blocks holding gradients and the sum of its sigmas to <trace dir>/rank<r>.jsonl."""
         with_grad = [b for b, layers in enumerate(self.model.blocks) if any(p.grad is not None for p in layers.parameters())]
-        record = {"rank": self.global_rank, "step": self.global_step, "block": self.current_block, "blocks_with_grad": with_grad}
+        record = {
+            "rank": self.global_rank, "step": self.global_step, "block": self.current_block, "blocks_with_grad": with_grad,
+            "sigma_sum": float(self.last_sigma.sum()),
+        }
         path = Path(os.environ[BLOCK_TRACE_ENV]) / f"rank{self.global_rank}.jsonl"
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -212,12 +233,15 @@ class LitClassifier(pl.LightningModule):
         if self.offloader is not None:
             self.offloader.restore_weights(self.device)
         self._correct, self._total = 0, 0
+        self.predictions = []
 
     def test_step(self, batch, batch_idx):
         images, labels = batch
         preds = self.predict_logits(images).argmax(dim=-1)
         self._correct += int((preds == labels).sum())
         self._total += labels.numel()
+        if self.save_predictions:
+            self.predictions.append(torch.stack([labels, preds], dim=1).cpu())
 
     def on_test_epoch_end(self) -> None:
         counts = torch.tensor([self._correct, self._total], dtype=torch.float64, device=self.device)

@@ -71,9 +71,9 @@ def test_non_finite_loss_stops_with_step_block_and_last_good_checkpoint(cifar_di
     real, calls = dblock.training_loss, []
 
     def poisoned(*args, **kwargs):
-        loss, ce = real(*args, **kwargs)
+        loss, *rest = real(*args, **kwargs)
         calls.append(1)
-        return (loss * float("nan"), ce) if len(calls) == 6 else (loss, ce)
+        return (loss * float("nan") if len(calls) == 6 else loss, *rest)
 
     monkeypatch.setattr(dblock, "training_loss", poisoned)
     code, _, err = run_cli(train_args(cifar_dir, "nan", "--save_every_n_epochs", "1", model_type="dblock", steps=4), capsys)
@@ -88,23 +88,22 @@ def test_non_finite_loss_stops_with_step_block_and_last_good_checkpoint(cifar_di
 
 
 def test_interrupted_save_never_leaves_a_truncated_checkpoint(cifar_dir, capsys, monkeypatch):
-    import lightning_fabric.plugins.io.torch_io as torch_plugin
-
     from experiment import AtomicCheckpointIO, read_checkpoint
 
     assert run_cli(train_args(cifar_dir, "atomic", steps=1), capsys)[0] == 0
     path = Path("logs/atomic/last.ckpt")
     good = path.read_bytes()
 
-    def dies_mid_write(checkpoint, filepath):
-        Path(filepath).write_bytes(good[: len(good) // 3])
+    def dies_mid_write(checkpoint, f):
+        f.write(good[: len(good) // 3])
         raise KeyboardInterrupt  # the process is killed half way through writing
 
-    monkeypatch.setattr(torch_plugin, "_atomic_save", dies_mid_write)
+    monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
         AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, path)
     assert path.read_bytes() == good
     assert read_checkpoint(str(path))["global_step"] == 1
+    assert sorted(p.name for p in path.parent.glob("*.tmp")) == []  # nothing half-written left beside it
 
 
 @pytest.mark.parametrize("offload", [["--offload_optimizer", "true"], ["--offload_weights", "true"]])
@@ -166,7 +165,11 @@ def test_sigusr1_writes_a_checkpoint_and_the_requeued_job_resumes(cifar_dir, tmp
     assert read_metrics(run / "metrics.json")["num_test_images"] == 12
 
 
-def test_ddp_two_cpu_processes_train_the_same_block(cifar_dir, tmp_path):
+def test_ddp_two_cpu_processes_train_the_same_block_with_their_own_noise(tmp_path, monkeypatch):
+    from synthetic import write_cifar
+
+    monkeypatch.chdir(tmp_path)
+    cifar_dir = write_cifar(tmp_path / "data", "cifar100", n_train=32, n_test=13)  # 13 test images: uneven over 2 ranks
     trace = tmp_path / "trace"
     trace.mkdir()
     env = {**os.environ, BLOCK_TRACE_ENV: str(trace), "PYTHONUNBUFFERED": "1"}
@@ -178,8 +181,10 @@ def test_ddp_two_cpu_processes_train_the_same_block(cifar_dir, tmp_path):
     assert [(r["step"], r["block"]) for r in ranks[0]] == [(r["step"], r["block"]) for r in ranks[1]]
     for records in ranks:
         assert all(r["blocks_with_grad"] == [r["block"]] for r in records)  # blocks not chosen get no gradient
+    # Each rank draws its own sigmas (and noise, from the same per-rank generator) at every step.
+    assert all(a["sigma_sum"] != b["sigma_sum"] for a, b in zip(*ranks))
     metrics = read_metrics(tmp_path / "logs" / "ddp" / "metrics.json")
-    assert metrics["num_test_images"] == 12  # every test image scored exactly once across the two ranks
+    assert metrics["num_test_images"] == 13  # every test image scored exactly once across the two ranks
 
 
 def test_gradients_are_cleared_before_each_forward(cifar_dir, capsys, monkeypatch):

@@ -33,20 +33,21 @@ def test_boundaries_b6_nest_the_b2_and_b3_boundaries():
 def test_each_block_holds_equal_probability_mass(num_blocks):
     q_lo, q_hi = edm.cdf_range()
     for b in range(num_blocks):
-        lo, hi = edm.block_range(b, num_blocks)
+        lo, hi = edm.block_range(b, edm.block_boundaries(num_blocks))
         mass = (edm.sigma_to_cdf(hi) - edm.sigma_to_cdf(lo)) / (q_hi - q_lo)
         assert mass == pytest.approx(1 / num_blocks, rel=1e-9)
 
 
 def test_block_zero_holds_the_highest_noise():
-    assert edm.block_range(0, 3)[1] == 80.0
-    assert edm.block_range(2, 3)[0] == 0.002
+    bounds = edm.block_boundaries(3)
+    assert edm.block_range(0, bounds) == pytest.approx((0.50504146, 80.0))
+    assert edm.block_range(2, bounds) == pytest.approx((0.002, 0.17963247))
 
 
 def test_widened_ranges_match_spec():
     want = {2: (0.002, 0.22493), 1: (0.17058, 0.53183), 0: (0.39205, 80.0)}
     for b, (lo, hi) in want.items():
-        got_lo, got_hi = edm.widened_block_range(b, 3, 0.05)
+        got_lo, got_hi = edm.widened_block_range(b, edm.block_boundaries(3), 0.05)
         assert got_lo == pytest.approx(lo, rel=1e-4) and got_hi == pytest.approx(hi, rel=1e-4)
 
 
@@ -57,13 +58,37 @@ def test_inference_grid_b3():
 
 
 def test_inference_routing_agrees_with_training_partition():
+    for partition in edm.PARTITIONS:
+        for num_blocks in (2, 3, 4, 6):
+            bounds = edm.partition_boundaries(partition, num_blocks)
+            for b in range(num_blocks):
+                lo, hi = edm.block_range(b, bounds)
+                assert edm.block_of_sigma(math.sqrt(lo * hi), bounds) == b
     for num_blocks in (2, 3, 4, 6):
-        for b in range(num_blocks):
-            lo, hi = edm.block_range(b, num_blocks)
-            mid = math.sqrt(lo * hi)
-            assert edm.block_of_sigma(mid, num_blocks) == b
         grid = edm.inference_sigmas(num_blocks)
-        assert [edm.block_of_sigma(s, num_blocks) for s in grid] == list(range(num_blocks))
+        assert [edm.block_of_sigma(s, edm.block_boundaries(num_blocks)) for s in grid] == list(range(num_blocks))
+
+
+def test_grid_sigma_on_a_boundary_goes_to_the_lower_noise_block_as_released():
+    """n = 4, B = 3: the grid point at sigma 0.179632 is a boundary; the released float32 grid puts it below it."""
+    from dblock import sampler_grid
+
+    grid, bounds = sampler_grid(4, edm.EDMConfig()), edm.block_boundaries(3)
+    assert grid[2] == pytest.approx(bounds[1], rel=1e-7)
+    assert edm.block_of_sigma(grid[2], bounds) == 2
+    # The other inner grid point (0.505041) is a boundary too; float32 rounds it up, into block 0,
+    # so this grid never runs block 1: a released behaviour worth knowing before choosing n.
+    assert grid[1] > bounds[2] and [edm.block_of_sigma(s, bounds) for s in grid] == [0, 0, 2, 2]
+
+
+def test_uniform_partition_is_equal_in_log_sigma():
+    bounds = edm.uniform_boundaries(4)
+    step = (math.log(80.0) - math.log(0.002)) / 4
+    want = [0.002 * math.exp(step * i) for i in range(5)]  # 0.002, 0.02828, 0.4, 5.657, 80
+    assert bounds == pytest.approx(want, rel=1e-12)
+    assert bounds[2] == pytest.approx(0.4, rel=1e-12) and bounds[0] == 0.002 and bounds[-1] == 80.0
+    assert edm.partition_boundaries("uniform", 4) == bounds
+    assert edm.partition_boundaries("equiprob", 4) == edm.block_boundaries(4)
 
 
 def test_preconditioning_limits_and_identities():
@@ -80,7 +105,7 @@ def test_preconditioning_limits_and_identities():
 
 @pytest.mark.parametrize("block", [0, 1, 2])
 def test_sampled_sigmas_stay_inside_widened_range(block):
-    lo, hi = edm.widened_block_range(block, 3, 0.05)
+    lo, hi = edm.widened_block_range(block, edm.block_boundaries(3), 0.05)
     g = torch.Generator().manual_seed(0)
     s = edm.sample_truncated_lognormal(20000, lo, hi, generator=g)
     assert s.dtype == torch.float32 and s.min() >= lo and s.max() <= hi
@@ -104,6 +129,8 @@ def test_invalid_arguments():
     with pytest.raises(ValueError):
         edm.block_boundaries(0)
     with pytest.raises(ValueError):
-        edm.widened_block_range(0, 3, -0.1)
+        edm.widened_block_range(0, edm.block_boundaries(3), -0.1)
+    with pytest.raises(ValueError):
+        edm.partition_boundaries("linear", 3)
     with pytest.raises(ValueError):
         edm.inference_sigmas(0)

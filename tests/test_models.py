@@ -56,7 +56,7 @@ def test_dblock_logits_are_zero_at_init_and_ce_is_log_classes():
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
     z, sigma = torch.randn(4, 24), torch.full((4,), 0.5)
     assert torch.equal(m(x, z, sigma, 1), torch.zeros(4, 5))
-    _, ce = dblock.training_loss(m, x, y, 0)
+    ce = dblock.training_loss(m, x, y, 0)[1]
     assert ce.item() == pytest.approx(math.log(5), abs=1e-6)
 
 
@@ -72,7 +72,7 @@ def test_only_the_drawn_block_and_shared_parts_get_gradients(block):
     m = tiny_dblock()
     for p in m.parameters():  # move off the zero init so every path carries gradient
         p.data.add_(0.01 * torch.randn_like(p))
-    loss, _ = dblock.training_loss(m, torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,)), block)
+    loss = dblock.training_loss(m, torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,)), block)[0]
     loss.backward()
     for b, layers in enumerate(m.blocks):
         grads = [p.grad for p in layers.parameters()]
@@ -106,9 +106,9 @@ def test_batch_mean_weight_quirk_equals_mean_ce_times_mean_w():
 
     def loss_and_parts(m):
         torch.manual_seed(3)
-        loss, _ = dblock.training_loss(m, x, y, 2)
+        loss = dblock.training_loss(m, x, y, 2)[0]
         torch.manual_seed(3)  # replay the same sigmas and noise to get per-sample CE and weights
-        lo, hi = edm.widened_block_range(2, 3, 0.05)
+        lo, hi = m.training_range(2)
         sigma = edm.sample_truncated_lognormal(6, lo, hi)
         z = m.clean_targets(y) + sigma[:, None] * torch.randn(6, 24)
         ce = F.cross_entropy(m(x, z, sigma, 2), y, reduction="none")
@@ -158,7 +158,8 @@ def test_cfg_changes_logits_only_when_scale_nonzero():
     cond = m(x, z, s, 1)
     assert torch.equal(dblock.guided_logits(m, x, z, s, 1, 0.0), cond)
     uncond = m(torch.zeros_like(x), z, s, 1)
-    assert torch.allclose(dblock.guided_logits(m, x, z, s, 1, 2.0), cond + 2.0 * (cond - uncond))
+    assert torch.allclose(dblock.guided_logits(m, x, z, s, 1, 2.0), uncond + 2.0 * (cond - uncond))
+    assert torch.allclose(dblock.guided_logits(m, x, z, s, 1, 1.0), cond)
 
 
 def test_compile_flag_compiles_in_place_and_keeps_checkpoint_keys():

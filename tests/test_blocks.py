@@ -1,0 +1,143 @@
+"""Block layout (--layers_per_block), noise partition (--partition), blocks.json, and one block per optimizer step."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import dblock
+import edm
+from cli_helpers import assert_one_line_error, cifar_dir, run_cli, train_args  # noqa: F401 (fixture)
+from module import BLOCK_TRACE_ENV
+from vit import ArchConfig
+
+ARCH = ArchConfig(hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16)
+SPEC_RANGES = {  # SPEC section 4, block 0 first
+    2: [(0.3012001, 80.0), (0.002, 0.3012001)],
+    3: [(0.50504146, 80.0), (0.17963247, 0.50504146), (0.002, 0.17963247)],
+    4: [(0.6766486, 80.0), (0.3012001, 0.6766486), (0.1340761, 0.3012001), (0.002, 0.1340761)],
+}
+SPEC_WIDENED_B3 = [(0.39205, 80.0), (0.17058, 0.53183), (0.002, 0.22493)]
+
+
+def model(**dcfg) -> dblock.DiffusionBlocksViT:
+    return dblock.DiffusionBlocksViT(arch=ARCH, num_labels=5, dcfg=dblock.DBlockConfig(**dcfg))
+
+
+def layer_params(m) -> int:
+    return sum(p.numel() for p in m.blocks[0][0].parameters())
+
+
+def test_uneven_layout_builds_those_layers_with_the_same_parameter_count():
+    even, uneven = model(num_blocks=3), model(num_blocks=3, layers_per_block=(3, 2, 1))
+    assert [len(b) for b in uneven.blocks] == [3, 2, 1]
+    per_layer = layer_params(even)
+    for b, n in enumerate((3, 2, 1)):
+        assert sum(p.numel() for p in uneven.blocks[b].parameters()) == n * per_layer
+    assert sum(p.numel() for p in uneven.parameters()) == sum(p.numel() for p in even.parameters())
+
+
+@pytest.mark.parametrize("num_blocks", sorted(SPEC_RANGES))
+def test_block_table_matches_spec(num_blocks):
+    table = dblock.block_table(model(num_blocks=num_blocks, layers_per_block=None if 6 % num_blocks == 0 else (1, 1, 2, 2)))
+    assert [row["block"] for row in table] == list(range(num_blocks))
+    assert sum(len(row["layers"]) for row in table) == 6 and table[0]["layers"][0] == 0
+    for row, (lo, hi) in zip(table, SPEC_RANGES[num_blocks], strict=True):
+        assert row["sigma_range"] == pytest.approx([lo, hi], rel=1e-6)
+        assert row["probability_mass"] == pytest.approx(1 / num_blocks, rel=1e-9)
+        wlo, whi = row["widened_range"]
+        assert wlo <= lo and whi >= hi
+    if num_blocks == 3:
+        for row, want in zip(table, SPEC_WIDENED_B3, strict=True):
+            assert row["widened_range"] == pytest.approx(list(want), rel=1e-4)
+
+
+def test_uniform_partition_table_is_hand_computed():
+    table = dblock.block_table(model(num_blocks=3, partition="uniform"))
+    width = (math.log(80) - math.log(0.002)) / 3
+    inner = [0.002 * math.exp(width), 0.002 * math.exp(2 * width)]  # 0.06840, 2.3392
+    want = [(inner[1], 80.0), (inner[0], inner[1]), (0.002, inner[0])]
+    q_lo, q_hi = edm.cdf_range()
+    for row, (lo, hi) in zip(table, want, strict=True):
+        assert row["sigma_range"] == pytest.approx([lo, hi], rel=1e-12)
+        margin = 0.05 * math.log(hi / lo)
+        assert row["widened_range"] == pytest.approx([max(0.002, lo * math.exp(-margin)), min(80.0, hi * math.exp(margin))], rel=1e-12)
+        assert row["probability_mass"] == pytest.approx((edm.sigma_to_cdf(hi) - edm.sigma_to_cdf(lo)) / (q_hi - q_lo), rel=1e-12)
+    # Uniform in log sigma is far from equi-probable: the middle range holds most of the mass.
+    assert table[1]["probability_mass"] > 0.6
+
+
+@pytest.mark.parametrize("partition,visits", [("equiprob", [0, 0, 1, 2, 2]), ("uniform", [0, 1, 1, 1, 2])])
+def test_inference_routing_follows_the_partition(monkeypatch, partition, visits):
+    m = model(num_blocks=3, partition=partition).eval()
+    seen, original = [], dblock.DiffusionBlocksViT.forward
+
+    def spy(self, images, z, sigma, block):
+        seen.append(block)
+        return original(self, images, z, sigma, block)
+
+    monkeypatch.setattr(dblock.DiffusionBlocksViT, "forward", spy)
+    dblock.sample_logits(m, torch.randn(2, 3, 16, 16), 5)  # grid 80, 0.677, 0.301, 0.134, 0.002
+    assert seen == visits
+
+
+def test_training_sigmas_follow_the_partition():
+    m = model(num_blocks=3, partition="uniform")
+    g = torch.Generator().manual_seed(0)
+    for block in range(3):
+        lo, hi = m.training_range(block)
+        sigma = dblock.training_loss(m, torch.randn(64, 3, 16, 16), torch.randint(0, 5, (64,)), block, generator=g)[2]
+        assert lo <= sigma.min().item() and sigma.max().item() <= hi
+        assert (lo, hi) == edm.widened_block_range(block, edm.uniform_boundaries(3), 0.05)
+
+
+def test_cli_writes_blocks_json_and_checkpoint_records_the_layout(cifar_dir, capsys):
+    code, out, err = run_cli(train_args(cifar_dir, "uneven", "--layers_per_block", "3,2,1", "--partition", "uniform", model_type="dblock"), capsys)
+    assert code == 0, err
+    table = json.loads(Path("logs/uneven/blocks.json").read_text())["blocks"]
+    assert [row["layers"] for row in table] == [[0, 1, 2], [3, 4], [5]]
+    assert table == dblock.block_table(model(num_blocks=3, layers_per_block=(3, 2, 1), partition="uniform"))
+    assert "block 0: layers 0-2" in out and "block 2: layers 5-5" in out
+    hparams = torch.load("logs/uneven/last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["layers_per_block"] == [3, 2, 1] and hparams["partition"] == "uniform" and hparams["num_blocks"] == 3
+    # test and resume read the layout back from the checkpoint.
+    code, _, err = run_cli(["test", "cifar100", "--ckpt_path", "logs/uneven/last.ckpt", "--data_dir", cifar_dir,
+                            "--num_workers", "0", "--accelerator", "cpu"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(train_args(cifar_dir, "x", "--ckpt_path", "logs/uneven/last.ckpt", "--layers_per_block", "3,2,1",
+                                      "--partition", "uniform", model_type="dblock", steps=3), capsys)
+    assert code == 0, err
+    assert torch.load("logs/uneven/last.ckpt", weights_only=True)["global_step"] == 9
+    code, _, err = run_cli(train_args(cifar_dir, "x", "--ckpt_path", "logs/uneven/last.ckpt", model_type="dblock", steps=4), capsys)
+    assert_one_line_error(code, err, "layers_per_block=[3, 2, 1]", "layers_per_block=None")
+
+
+@pytest.mark.parametrize(
+    "flags,fragment",
+    [
+        (["--layers_per_block", "3,2"], "must be positive numbers summing to --num_hidden_layers 6"),
+        (["--layers_per_block", "4,-1,3"], "must be positive numbers"),
+        (["--layers_per_block", "3,x,1"], "comma-separated layer counts"),
+        (["--layers_per_block", "2,2,2", "--num_blocks", "2"], "--num_blocks 2 disagrees with --layers_per_block 2,2,2"),
+        (["--partition", "linear"], "partition"),
+    ],
+)
+def test_bad_layouts_are_one_line_errors(cifar_dir, capsys, flags, fragment):
+    code, _, err = run_cli(train_args(cifar_dir, "bad", *flags, model_type="dblock"), capsys)
+    assert_one_line_error(code, err, fragment)
+    assert not Path("logs/bad").exists()
+
+
+def test_accumulation_trains_one_block_per_optimizer_step(cifar_dir, capsys, monkeypatch, tmp_path):
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    monkeypatch.setenv(BLOCK_TRACE_ENV, str(trace))
+    code, _, err = run_cli(train_args(cifar_dir, "acc", "--accumulate_grad_batches", "2", model_type="dblock", steps=2), capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (trace / "rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(6))
+    # Both micro-batches of a step trained the drawn block and no other (released: one block per micro-batch).
+    assert all(r["blocks_with_grad"] == [r["block"]] for r in records)
+    assert len({r["block"] for r in records}) > 1
