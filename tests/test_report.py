@@ -109,7 +109,7 @@ def test_table_rows_statuses_and_paper_rows(runs, tmp_path, capsys):
     assert (db["blocks (layers)"], db["partition"], db["gamma"], db["inference steps"]) == ("3 (2,2,2)", "equiprob", "0.05", "3")
     assert (db["epochs (planned)"], db["steps (done)"]) == ("1500", "6")  # dblock: epochs and max_steps x B
     assert (by_run["unfinished"]["status"], by_run["unfinished"]["steps (done)"]) == (report.UNFINISHED, "4")
-    assert by_run["crashed"]["status"] == report.NO_CHECKPOINT
+    assert (by_run["crashed"]["status"], by_run["crashed"]["steps (done)"]) == (report.NO_CHECKPOINT, "0")  # from its CSV log
     assert (by_run["untested"]["status"], by_run["untested"]["steps (done)"]) == (report.UNTESTED, "2")
     for name in ("unfinished", "crashed", "untested"):
         assert (by_run[name]["test acc %"], by_run[name]["images"], by_run[name]["checkpoint scored"]) == ("-", "-", "-")
@@ -161,6 +161,17 @@ def test_allocation_and_partition_from_keys_added_on_other_branches(runs, tmp_pa
     code, out, err = run_cli(["report", run], capsys)
     assert code == 0, err
     assert parse_table(out)[0]["blocks (layers)"] == "3 (2,3,1)"  # blocks.json wins over config.yaml
+
+
+def test_steps_from_the_csv_log_without_a_checkpoint(runs, tmp_path, capsys):
+    run = copy_run(runs, "unfinished", "no-ckpt", tmp_path)
+    for ckpt in run.glob("*.ckpt"):
+        ckpt.unlink()
+    code, out, err = run_cli(["report", run], capsys)
+    assert code == 0, err
+    row = parse_table(out)[0]
+    # Steps 0-4 logged their loss (5 done); step 5 failed before logging (the checkpoint had stopped at step 4).
+    assert (row["steps (done)"], row["status"]) == ("5", report.NO_CHECKPOINT)
 
 
 def test_wandb_run_without_csv_history(runs, tmp_path, capsys):
