@@ -235,3 +235,22 @@ def test_default_depth_matches_the_architecture():
 def test_checkpoint_counters_match_torch(runs):
     ckpt = torch.load(runs["unfinished"] / "last.ckpt", weights_only=True)
     assert report.newest_checkpoint(runs["unfinished"]).global_step == ckpt["global_step"] == 4
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "slurm").glob("*.sbatch")))
+def test_slurm_scripts_pass_extra_arguments_to_train(script, tmp_path):
+    """The sweep recipe's `sbatch SCRIPT --run_name ... --layers_per_block ...` reaches `main.py train`, after the script's flags."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text('#!/bin/sh\necho "$@"\n')  # prints the command it would run on every task
+    (fake_bin / "uv").write_text("#!/bin/sh\ntrue\n")
+    for tool in fake_bin.iterdir():
+        tool.chmod(0o755)
+    extra = ["--run_name", "alloc-4-4-4-uniform", "--layers_per_block", "4,4,4", "--partition", "uniform"]
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(repo)}
+    result = subprocess.run(["bash", repo / "configs" / "slurm" / script, *extra], env=env, capture_output=True, text=True, check=True)
+    command = result.stdout.split()
+    assert command[:5] == ["uv", "run", "--frozen", "--no-sync", "main.py"] and command[-len(extra):] == extra
