@@ -130,9 +130,10 @@ class Run:
         return self.model_type == "dblock"
 
     @property
-    def epoch_scale(self) -> int:
-        """dblock trains num_epochs (and max_steps) x num_blocks (SPEC section 4)."""
-        return self.config.get("num_blocks", 3) if self.is_dblock else 1
+    def num_blocks(self) -> int:
+        """Blocks trained one per step (1 for the end-to-end baseline); dblock's epochs and max_steps are multiplied by it."""
+        sizes = block_sizes(self) if self.is_dblock else None
+        return len(sizes) if sizes else 1
 
 
 def load_run(path: str) -> Run:
@@ -156,12 +157,14 @@ def load_run(path: str) -> Run:
 
 
 def read_mapping(path: Path) -> dict:
-    """A YAML or JSON file holding one mapping (JSON is YAML), or a one-line error naming the file."""
+    """A .json or .yaml file holding one mapping, or a one-line error naming the file."""
     import yaml
 
+    # JSON by its own parser: PyYAML reads numbers such as 5e-05 (no decimal point) as strings.
+    load = json.loads if path.suffix == ".json" else yaml.safe_load
     try:
-        value = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        value = load(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
         raise UserError(f"{path} is unreadable or damaged ({type(err).__name__}): restore it or leave its run folder out") from None
     if not isinstance(value, dict):
         raise UserError(f"{path} does not hold a mapping of keys to values: restore it or leave its run folder out")
@@ -262,9 +265,9 @@ def finished_training(run: Run) -> bool:
     if ckpt is None or not cfg:
         return False
     max_steps = cfg.get("max_steps", -1)
-    if max_steps > 0 and ckpt.global_step >= max_steps * run.epoch_scale:
+    if max_steps > 0 and ckpt.global_step >= max_steps * run.num_blocks:
         return True
-    return ckpt.epochs_processed is not None and ckpt.epochs_processed >= cfg.get("num_epochs", 500) * run.epoch_scale
+    return ckpt.epochs_processed is not None and ckpt.epochs_processed >= cfg.get("num_epochs", 500) * run.num_blocks
 
 
 def status(run: Run) -> str:
@@ -283,24 +286,28 @@ def depth(run: Run) -> int | None:
     return run.config.get("num_hidden_layers") or DEFAULT_DEPTH
 
 
-def allocation(run: Run) -> str:
-    """Blocks and layers per block, e.g. `3 (4,4,4)`: from blocks.json, else --layers_per_block, else an even split."""
+def block_sizes(run: Run) -> list[int] | None:
+    """Layers per block: blocks.json, else --layers_per_block, else an even split (None when the folder does not say)."""
     if run.blocks is not None:
-        sizes = [len(b["layers"]) for b in run.blocks]
-    elif not run.config:
-        return UNKNOWN
-    elif not run.is_dblock:
-        sizes = [depth(run)]  # the end-to-end baseline is one block of every layer
-    elif run.config.get("layers_per_block"):
+        return [len(b["layers"]) for b in run.blocks]
+    if not run.config:
+        return None
+    if not run.is_dblock:
+        return [depth(run)]  # the end-to-end baseline is one block of every layer
+    if run.config.get("layers_per_block"):
         try:
-            sizes = [int(n) for n in str(run.config["layers_per_block"]).split(",")]
+            return [int(n) for n in str(run.config["layers_per_block"]).split(",")]
         except ValueError:
             raise UserError(f"{run.path / 'config.yaml'}: layers_per_block {run.config['layers_per_block']!r} is not a comma-separated list of integers") from None
-    else:
-        num_blocks, layers = run.config.get("num_blocks", 3), depth(run)
-        if num_blocks < 1 or layers % num_blocks:
-            return f"{num_blocks} ({UNKNOWN})"
-        sizes = [layers // num_blocks] * num_blocks
+    num_blocks, layers = run.config.get("num_blocks") or 3, depth(run)
+    return [layers // num_blocks] * num_blocks if layers % num_blocks == 0 else None
+
+
+def allocation(run: Run) -> str:
+    """Blocks and layers per block, e.g. `3 (4,4,4)`."""
+    sizes = block_sizes(run)
+    if sizes is None:
+        return UNKNOWN
     return f"{len(sizes)} ({','.join(str(n) for n in sizes)})"
 
 
@@ -326,7 +333,7 @@ def run_row(run: Run) -> dict[str, str]:
 
     steps = steps_done(run)
     acc = metrics.get("test/acc")
-    inference = metrics.get("num_inference_steps") or cfg.get("num_inference_steps") or cfg.get("num_blocks", 3)
+    inference = metrics.get("num_inference_steps") or cfg.get("num_inference_steps") or run.num_blocks
     return {
         "run": run.name,
         "model": run.model_type or UNKNOWN,
@@ -335,7 +342,7 @@ def run_row(run: Run) -> dict[str, str]:
         "partition": dblock_only(lambda: cfg.get("partition", "equiprob")),
         "gamma": dblock_only(lambda: f"{cfg.get('gamma', 0.05):g}"),
         "augment": configured(lambda: cfg.get("augment", "released") + ("+RandAugment" if cfg.get("add_rand_aug") else "")),
-        "epochs (planned)": configured(lambda: str(cfg.get("num_epochs", 500) * run.epoch_scale)),
+        "epochs (planned)": configured(lambda: str(cfg.get("num_epochs", 500) * run.num_blocks)),
         "steps (done)": UNKNOWN if steps is None else str(steps),
         "inference steps": dblock_only(lambda: str(inference)),
         "test acc %": NOT_APPLICABLE if acc is None else f"{100 * acc:.2f}",

@@ -155,12 +155,19 @@ def test_allocation_and_partition_from_keys_added_on_other_branches(runs, tmp_pa
     assert code == 0, err
     row = parse_table(out)[0]
     assert (row["blocks (layers)"], row["partition"], row["augment"], row["gamma"]) == ("3 (3,2,1)", "uniform", "paper+RandAugment", "0.1")
+    config.update(layers_per_block="4,2")  # the allocation decides B, whatever the num_blocks flag said
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(["report", run], capsys)
+    assert code == 0, err
+    row = parse_table(out)[0]
+    assert (row["blocks (layers)"], row["epochs (planned)"]) == ("2 (4,2)", "1000")
     blocks = [{"block": b, "layers": layers, "sigma_range": [0.1, 1.0], "widened_range": [0.1, 1.0], "probability_mass": 1 / 3}
               for b, layers in enumerate([[0, 1], [2, 3, 4], [5]])]
     (run / "blocks.json").write_text(json.dumps({"blocks": blocks}))
     code, out, err = run_cli(["report", run], capsys)
     assert code == 0, err
-    assert parse_table(out)[0]["blocks (layers)"] == "3 (2,3,1)"  # blocks.json wins over config.yaml
+    row = parse_table(out)[0]
+    assert (row["blocks (layers)"], row["epochs (planned)"]) == ("3 (2,3,1)", "1500")  # blocks.json wins over config.yaml
 
 
 def test_steps_from_the_csv_log_without_a_checkpoint(runs, tmp_path, capsys):
@@ -193,11 +200,13 @@ def test_wandb_run_without_csv_history(runs, tmp_path, capsys):
 def test_folder_with_only_metrics_json(runs, tmp_path, capsys):
     run = tmp_path / "scored-elsewhere"
     run.mkdir()
-    shutil.copy(runs["vit"] / "metrics.json", run)
+    scored = {**metrics(runs["vit"]), "test/acc": 5e-05, "num_test_images": 20000}  # json writes 5e-05: no decimal point
+    (run / "metrics.json").write_text(json.dumps(scored))
     code, out, err = run_cli(["report", run], capsys)
     assert code == 0, err
     row = parse_table(out)[0]
     assert (row["model"], row["data"], row["blocks (layers)"], row["status"]) == ("vit", "?", "?", report.TESTED)
+    assert (row["test acc %"], row["images"], row["epochs (planned)"]) == (f"{100 * 5e-05:.2f}", "20000", "?")
     assert row["checkpoint scored"].endswith(os.path.join("vit", "last.ckpt"))  # scored in another folder: path kept
 
 
@@ -220,10 +229,13 @@ def test_bad_run_folder_is_a_one_line_error_and_writes_nothing(runs, tmp_path, c
     assert out == "" and not out_md.exists() and not (tmp_path / "out.png").exists()
 
 
-def test_no_run_folder_is_an_argument_error(capsys):
+def test_no_run_folder_is_an_argument_error(capsys, tmp_path):
     code, out, err = run_cli(["report"], capsys)
     assert_one_line_error(code, err, "run_dirs")
     assert out == ""
+    (tmp_path / "empty.yaml").write_text("run_dirs: []\n")
+    code, out, err = run_cli(["report", "--config", tmp_path / "empty.yaml"], capsys)
+    assert_one_line_error(code, err, "at least one run folder")
 
 
 def test_default_depth_matches_the_architecture():
