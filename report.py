@@ -415,7 +415,8 @@ def plot_runs(runs: list[Run]):
         if epochs:
             ax_acc.plot(epochs, [100 * a for a in acc], marker="o", label=run.name)
         for block, (steps, losses) in loss_curves(run.history).items():
-            ax_loss.plot(steps, losses, label=f"{run.name} {block}".strip())
+            # A block drawn at one logged step only is a single point, invisible as a bare line.
+            ax_loss.plot(steps, losses, marker="o" if len(steps) == 1 else None, label=f"{run.name} {block}".strip())
     if not ax_acc.get_lines():
         ax_acc.text(0.5, 0.95, "no eval/acc or val/acc logged", ha="center", va="top", transform=ax_acc.transAxes)
     references = [(data, *ref) for data in dict.fromkeys(run.config.get("data") for run in runs) for ref in PAPER_TABLE1.get(data, ())]
