@@ -1,4 +1,4 @@
-"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,bench} DATA [flags]`.
+"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,bench} DATA [flags]`, `main.py report RUN_DIR...`.
 
 Flag names and defaults follow the released program; see README.md for every flag.
 """
@@ -19,6 +19,7 @@ from jsonargparse import ArgumentParser, auto_cli
 from bench import bench
 from errors import UserError, check_at_least
 from flags import Accelerator, Data, Logger, ModelType, Partition, Precision, Scheduler
+from report import bundle_run_dirs, report
 
 
 class OneLineErrorParser(ArgumentParser):
@@ -315,7 +316,7 @@ def test(
     return write_metrics(run_dir / "metrics.json", module, str(ckpt_path))
 
 
-COMMANDS = {"train": train, "test": test, "bench": bench}
+COMMANDS = {"train": train, "test": test, "bench": bench, "report": report}
 
 
 def boolean_flags() -> set[str]:
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     # config.yaml is written into the run folder before Lightning's first checkpoint; that is expected.
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-    argv = expand_bare_flags(sys.argv[1:] if argv is None else argv)
+    argv = bundle_run_dirs(expand_bare_flags(sys.argv[1:] if argv is None else argv))
     try:
         auto_cli(COMMANDS, args=argv, parser_class=OneLineErrorParser, as_positional=True)
     except UserError as err:

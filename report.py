@@ -1,0 +1,441 @@
+"""`main.py report RUN_DIR...`: one Markdown row per run folder, the paper's Table 1 beside them, and training curves.
+
+Only what runs write is read: config.yaml (the resolved train flags), metrics.json (the test scores),
+blocks.json (the layer allocation, when present), the CSV logger's csv/version_N/metrics.csv files,
+the step counter of the newest checkpoint and, for runs logged to W&B, files/wandb-summary.json.
+
+torch and matplotlib are imported inside functions, because main.py imports this module on every start-up.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import check_writable, write_output
+from errors import UserError
+
+# vit.ArchConfig's depth, which applies when config.yaml holds num_hidden_layers: null.
+# Not imported from vit.py: that would load transformers just for one number (a test keeps them equal).
+DEFAULT_DEPTH = 12
+UNKNOWN, NOT_APPLICABLE = "?", "-"
+
+# SPEC section 1 (paper, Table 1): top-1 accuracy in % per dataset, as (model type, blocks (layers), accuracy).
+PAPER_TABLE1 = {
+    "cifar100": (("vit", "1 (12)", 60.25), ("dblock", "3 (4,4,4)", 59.30)),
+    "tiny-imagenet": (("vit", "1 (12)", 35.32), ("dblock", "2 (6,6)", 36.16)),
+}
+PAPER_RUN = "paper, Table 1"
+
+TESTED = "tested"
+UNTESTED = "trained, not tested"
+UNFINISHED = "unfinished (crashed, stopped or running)"
+NO_CHECKPOINT = "no checkpoint (crashed or running)"
+PAPER = "paper reference"
+
+COLUMNS = (
+    "run", "model", "data", "blocks (layers)", "partition", "gamma", "augment", "epochs (planned)", "steps (done)",
+    "inference steps", "test acc %", "images", "checkpoint scored", "status",
+)
+BLOCK_LOSS = re.compile(r"train/loss_(\d+)")
+ACCURACY_KEYS = ("eval/acc", "val/acc")  # periodic test-split evaluation if the run logged it, else the validation split
+EVAL_KEYS = ("test/acc", *ACCURACY_KEYS)
+VALUE_FLAGS = ("--output", "--plot", "--config")  # report flags that take the next token as their value
+
+
+def report(run_dirs: list[str], *, output: str | None = None, plot: str | None = None) -> list[dict[str, str]]:
+    """One Markdown table row per run folder (configuration, steps, test accuracy, status), with the paper's Table 1 rows.
+
+    Args:
+        run_dirs: Run folders written by train, e.g. logs/my-sweep-* (a folder needs config.yaml or metrics.json).
+        output: Also write the Markdown table to this file.
+        plot: Write a PNG: test accuracy against epoch (logged eval/acc or val/acc) and each block's training loss against step.
+    """
+    if not run_dirs:
+        raise UserError("give at least one run folder, e.g. `main.py report logs/*`")
+    for flag, path in (("--output", output), ("--plot", plot)):
+        if path is not None:
+            check_writable(flag, path)
+    runs = [load_run(path) for path in run_dirs]
+    rows = [run_row(run) for run in runs] + paper_rows(runs)
+    table = markdown_table(rows)
+    if plot is not None:
+        for run in runs:
+            if run.logs_to_wandb and not run.history:
+                print(f"note: {run.path} logged to W&B only: {wandb_history_note()}, so its curves are not plotted", file=sys.stderr)
+        png = render_png(plot_runs(runs))
+        write_output(plot, "--plot", lambda f: f.write(png))
+    if output is not None:
+        write_output(output, "--output", lambda f: f.write((table + "\n").encode()))
+    print(table)
+    return rows
+
+
+def bundle_run_dirs(argv: list[str]) -> list[str]:
+    """Gather the RUN_DIR arguments of `report` into one JSON list: jsonargparse reads a list positional from one token."""
+    if not argv or argv[0] != "report":
+        return argv
+    flags, dirs, i = [], [], 1
+    while i < len(argv):
+        token = argv[i]
+        if token in VALUE_FLAGS and i + 1 < len(argv):
+            flags += argv[i : i + 2]
+            i += 2
+            continue
+        (flags if token.startswith("-") else dirs).append(token)
+        i += 1
+    return ["report", *flags, *([json.dumps(dirs)] if dirs else [])]
+
+
+# ---- reading a run folder -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the report needs from the newest checkpoint of a run."""
+
+    name: str
+    global_step: int
+    epochs_processed: int | None  # epochs whose batches ran (the last one possibly cut short by max_steps)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything read from one run folder."""
+
+    path: Path
+    config: dict  # config.yaml; empty when the folder holds only a metrics.json
+    metrics: dict | None
+    blocks: list[dict] | None  # blocks.json's "blocks"
+    checkpoint: Checkpoint | None
+    history: list[dict[str, float]]  # rows of every csv/version_N/metrics.csv, in version order
+    wandb_summary: dict | None
+    logs_to_wandb: bool
+
+    @property
+    def name(self) -> str:
+        """The run folder's name (also for `.` or a path with a trailing slash)."""
+        return self.path.resolve().name
+
+    @property
+    def model_type(self) -> str | None:
+        """vit or dblock, from metrics.json or config.yaml."""
+        return (self.metrics or {}).get("model_type") or self.config.get("model_type")
+
+    @property
+    def is_dblock(self) -> bool:
+        return self.model_type == "dblock"
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks trained one per step (1 for the end-to-end baseline); dblock's epochs and max_steps are multiplied by it."""
+        sizes = block_sizes(self) if self.is_dblock else None
+        return len(sizes) if sizes else 1
+
+
+def load_run(path: str) -> Run:
+    """Read a run folder; a path that is not one is a one-line error naming it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"run folder {path} does not exist: pass folders under logs/ written by train")
+    config_path, metrics_path, blocks_path = folder / "config.yaml", folder / "metrics.json", folder / "blocks.json"
+    if not config_path.is_file() and not metrics_path.is_file():
+        raise UserError(f"{path} is not a run folder (it holds neither config.yaml nor metrics.json): pass folders under logs/ written by train")
+    return Run(
+        path=folder,
+        config=read_mapping(config_path) if config_path.is_file() else {},
+        metrics=read_mapping(metrics_path) if metrics_path.is_file() else None,
+        blocks=read_blocks(blocks_path) if blocks_path.is_file() else None,
+        checkpoint=newest_checkpoint(folder),
+        history=read_history(folder),
+        wandb_summary=read_wandb_summary(folder),
+        logs_to_wandb=(folder / "wandb").is_dir(),
+    )
+
+
+def read_mapping(path: Path) -> dict:
+    """A .json or .yaml file holding one mapping, or a one-line error naming the file."""
+    import yaml
+
+    # JSON by its own parser: PyYAML reads numbers such as 5e-05 (no decimal point) as strings.
+    load = json.loads if path.suffix == ".json" else yaml.safe_load
+    try:
+        value = load(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        raise UserError(f"{path} is unreadable or damaged ({type(err).__name__}): restore it or leave its run folder out") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} does not hold a mapping of keys to values: restore it or leave its run folder out")
+    return value
+
+
+def read_blocks(path: Path) -> list[dict]:
+    """blocks.json's per-block entries, each with its list of layers."""
+    blocks = read_mapping(path).get("blocks")
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) and isinstance(b.get("layers"), list) for b in blocks):
+        raise UserError(f"{path} lacks a non-empty \"blocks\" list whose entries hold \"layers\": restore it or delete it")
+    return blocks
+
+
+def newest_checkpoint(folder: Path) -> Checkpoint | None:
+    """Step counter and epoch progress of the most recently written checkpoint, or None without one."""
+    paths = sorted(folder.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))
+    if not paths:
+        return None
+    import torch
+
+    newest = paths[-1]
+    try:
+        # mmap: only the few bytes of the counters are read, not the weights and optimizer state.
+        ckpt = torch.load(newest, map_location="cpu", weights_only=True, mmap=True)
+        step = int(ckpt["global_step"])
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise UserError(f"checkpoint {newest} is corrupt or not a training checkpoint ({type(err).__name__}): delete it or leave its run folder out") from None
+    progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    processed = progress.get("processed")
+    return Checkpoint(newest.name, step, None if processed is None else int(processed))
+
+
+def version_number(folder: Path) -> int:
+    """N of a CSV logger folder version_N (so version_10 sorts after version_2)."""
+    match = re.fullmatch(r"version_(\d+)", folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def read_history(folder: Path) -> list[dict[str, float]]:
+    """Rows of every CSV logger version (one per start of the run), oldest first; empty cells left out."""
+    rows = []
+    for path in sorted(folder.glob("csv/version_*/metrics.csv"), key=lambda p: version_number(p.parent)):
+        with open(path, newline="") as f:
+            for line, row in enumerate(csv.DictReader(f), start=2):
+                try:
+                    rows.append({key: float(value) for key, value in row.items() if key is not None and value not in (None, "")})
+                except (TypeError, ValueError):
+                    raise UserError(f"{path} line {line} holds a non-numeric value: restore the file or delete that line") from None
+    return rows
+
+
+def read_wandb_summary(folder: Path) -> dict | None:
+    """The newest W&B run's final numbers (files/wandb-summary.json), if W&B wrote one into the run folder."""
+    paths = sorted(folder.glob("wandb/*run-*/files/wandb-summary.json"), key=lambda p: p.stat().st_mtime_ns)
+    return read_mapping(paths[-1]) if paths else None
+
+
+def wandb_history_note() -> str:
+    """Why a W&B-only run has no curves: the installed wandb cannot read back the history of its .wandb files."""
+    from importlib import metadata
+
+    try:
+        version = f"wandb {metadata.version('wandb')}"
+    except metadata.PackageNotFoundError:
+        version = "wandb (not installed)"
+    return f"{version} has no reader of the history in .wandb files (train with --logger csv for curves)"
+
+
+# ---- one row per run ------------------------------------------------------------------------------
+def steps_from_history(rows: list[dict[str, float]]) -> int | None:
+    """Optimizer steps done according to the CSV logger, or None without any CSV rows.
+
+    A training row of step s is logged before that step's update (s + 1 steps done once it is logged);
+    evaluation rows carry the number of steps already done.
+    """
+    if not rows:
+        return None
+    done = [r["step"] + 1 for r in rows if "step" in r and "train/loss" in r]
+    done += [r["step"] for r in rows if "step" in r and any(k in r for k in EVAL_KEYS)]
+    return int(max(done, default=0))
+
+
+def steps_done(run: Run) -> int | None:
+    """Optimizer steps done: the newest checkpoint's counter, else the CSV log's, else W&B's summary."""
+    if run.checkpoint is not None:
+        return run.checkpoint.global_step
+    from_csv = steps_from_history(run.history)
+    if from_csv is not None:
+        return from_csv
+    step = (run.wandb_summary or {}).get("trainer/global_step")
+    return int(step) if isinstance(step, (int, float)) else None
+
+
+def finished_training(run: Run) -> bool:
+    """Whether the newest checkpoint is the end of the planned training (max_steps or every epoch reached)."""
+    ckpt, cfg = run.checkpoint, run.config
+    if ckpt is None or not cfg:
+        return False
+    max_steps = cfg.get("max_steps", -1)
+    if max_steps > 0 and ckpt.global_step >= max_steps * run.num_blocks:
+        return True
+    return ckpt.epochs_processed is not None and ckpt.epochs_processed >= cfg.get("num_epochs", 500) * run.num_blocks
+
+
+def status(run: Run) -> str:
+    """How far the run got: tested, trained but not tested, or stopped (or still running) with or without a checkpoint."""
+    if run.metrics is not None:
+        return TESTED
+    if run.checkpoint is None:
+        return NO_CHECKPOINT
+    return UNTESTED if finished_training(run) else UNFINISHED
+
+
+def depth(run: Run) -> int | None:
+    """Transformer layers of the run (None in config.yaml means the default)."""
+    if not run.config:
+        return None
+    return run.config.get("num_hidden_layers") or DEFAULT_DEPTH
+
+
+def block_sizes(run: Run) -> list[int] | None:
+    """Layers per block: blocks.json, else --layers_per_block, else an even split (None when the folder does not say)."""
+    if run.blocks is not None:
+        return [len(b["layers"]) for b in run.blocks]
+    if not run.config:
+        return None
+    if not run.is_dblock:
+        return [depth(run)]  # the end-to-end baseline is one block of every layer
+    if run.config.get("layers_per_block"):
+        try:
+            return [int(n) for n in str(run.config["layers_per_block"]).split(",")]
+        except ValueError:
+            raise UserError(f"{run.path / 'config.yaml'}: layers_per_block {run.config['layers_per_block']!r} is not a comma-separated list of integers") from None
+    num_blocks, layers = run.config.get("num_blocks") or 3, depth(run)
+    return [layers // num_blocks] * num_blocks if layers % num_blocks == 0 else None
+
+
+def allocation(run: Run) -> str:
+    """Blocks and layers per block, e.g. `3 (4,4,4)`."""
+    sizes = block_sizes(run)
+    if sizes is None:
+        return UNKNOWN
+    return f"{len(sizes)} ({','.join(str(n) for n in sizes)})"
+
+
+def scored_checkpoint(run: Run) -> str:
+    """The checkpoint metrics.json scored: its file name when it lies in the run folder, else its path."""
+    path = (run.metrics or {}).get("ckpt_path")
+    if not path:
+        return NOT_APPLICABLE
+    return Path(path).name if Path(path).parent.name == run.name else str(path)
+
+
+def run_row(run: Run) -> dict[str, str]:
+    """The table cells of one run: `?` where the folder does not say, `-` where the field does not apply."""
+    cfg, metrics = run.config, run.metrics or {}
+
+    def configured(text) -> str:
+        """A cell computed from config.yaml, unknown without one."""
+        return text() if cfg else UNKNOWN
+
+    def dblock_only(text) -> str:
+        """A cell that exists only for DiffusionBlocks runs."""
+        return configured(text) if run.is_dblock else NOT_APPLICABLE
+
+    steps = steps_done(run)
+    acc = metrics.get("test/acc")
+    inference = metrics.get("num_inference_steps") or cfg.get("num_inference_steps") or run.num_blocks
+    return {
+        "run": run.name,
+        "model": run.model_type or UNKNOWN,
+        "data": cfg.get("data", UNKNOWN),
+        "blocks (layers)": allocation(run),
+        "partition": dblock_only(lambda: cfg.get("partition", "equiprob")),
+        "gamma": dblock_only(lambda: f"{cfg.get('gamma', 0.05):g}"),
+        "augment": configured(lambda: cfg.get("augment", "released") + ("+RandAugment" if cfg.get("add_rand_aug") else "")),
+        "epochs (planned)": configured(lambda: str(cfg.get("num_epochs", 500) * run.num_blocks)),
+        "steps (done)": UNKNOWN if steps is None else str(steps),
+        "inference steps": dblock_only(lambda: str(inference)),
+        "test acc %": NOT_APPLICABLE if acc is None else f"{100 * acc:.2f}",
+        "images": str(metrics.get("num_test_images", NOT_APPLICABLE)),
+        "checkpoint scored": scored_checkpoint(run),
+        "status": status(run),
+    }
+
+
+def paper_rows(runs: list[Run]) -> list[dict[str, str]]:
+    """The paper's Table 1 rows for every dataset among the runs that the paper reports."""
+    datasets = dict.fromkeys(run.config.get("data") for run in runs)  # first-appearance order, no repeats
+    rows = []
+    for data in datasets:
+        for model, blocks, acc in PAPER_TABLE1.get(data, ()):
+            row = dict.fromkeys(COLUMNS, "")
+            row.update({"run": PAPER_RUN, "model": model, "data": data, "blocks (layers)": blocks, "test acc %": f"{acc:.2f}", "status": PAPER})
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    """A Markdown table with padded columns, readable as plain text too."""
+    cells = [list(COLUMNS)] + [[row[c].replace("|", "\\|") for c in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+# ---- curves ---------------------------------------------------------------------------------------
+def series(rows: list[dict[str, float]], x: str, y: str) -> tuple[list[float], list[float]]:
+    """(x, y) points of the rows holding both keys, sorted by x.
+
+    A resumed run logs again the steps after the checkpoint it resumed from; the later log wins,
+    because it is the history the saved weights followed.
+    """
+    points = {r[x]: r[y] for r in rows if x in r and y in r}
+    xs = sorted(points)
+    return xs, [points[v] for v in xs]
+
+
+def accuracy_curve(rows: list[dict[str, float]]) -> tuple[list[float], list[float]]:
+    """Accuracy (fraction) against epoch from the run's periodic evaluations; empty without any."""
+    for key in ACCURACY_KEYS:
+        xs, ys = series(rows, "epoch", key)
+        if xs:
+            return xs, ys
+    return [], []
+
+
+def loss_curves(rows: list[dict[str, float]]) -> dict[str, tuple[list[float], list[float]]]:
+    """Training loss against step: one curve per block (train/loss_{b}) for dblock, one (train/loss) for vit."""
+    blocks = sorted({int(m.group(1)) for r in rows for k in r if (m := BLOCK_LOSS.fullmatch(k))})
+    if not blocks:
+        xs, ys = series(rows, "step", "train/loss")
+        return {"": (xs, ys)} if xs else {}
+    # Lightning repeats a block's last loss on later rows until the epoch ends: keep only the steps that trained it.
+    return {f"block {b}": series([r for r in rows if r.get("train/block", b) == b], "step", f"train/loss_{b}") for b in blocks}
+
+
+def plot_runs(runs: list[Run]):
+    """Figure with test accuracy against epoch (left, the paper's numbers dashed) and training losses against step (right)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg renders the PNG
+
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    for run in runs:
+        epochs, acc = accuracy_curve(run.history)
+        if epochs:
+            ax_acc.plot(epochs, [100 * a for a in acc], marker="o", label=run.name)
+        for block, (steps, losses) in loss_curves(run.history).items():
+            # A block drawn at one logged step only is a single point, invisible as a bare line.
+            ax_loss.plot(steps, losses, marker="o" if len(steps) == 1 else None, label=f"{run.name} {block}".strip())
+    if not ax_acc.get_lines():
+        ax_acc.text(0.5, 0.95, "no eval/acc or val/acc logged", ha="center", va="top", transform=ax_acc.transAxes)
+    references = [(data, *ref) for data in dict.fromkeys(run.config.get("data") for run in runs) for ref in PAPER_TABLE1.get(data, ())]
+    for (data, model, blocks, acc), style in zip(references, ("--", ":", "-.", (0, (5, 5)))):
+        ax_acc.axhline(acc, linestyle=style, linewidth=1.2, color="gray", label=f"paper {data} {model} {blocks}")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Accuracy during training")
+    ax_loss.set(xlabel="optimizer step", ylabel="training loss", title="Training loss (per block for dblock)")
+    if ax_loss.get_lines():
+        ax_loss.set_yscale("log")  # dblock's noise-weighted losses span orders of magnitude
+    else:
+        ax_loss.text(0.5, 0.95, "no training loss logged", ha="center", va="top", transform=ax_loss.transAxes)
+    for ax in (ax_acc, ax_loss):
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+    return fig
+
+
+def render_png(fig) -> bytes:
+    """The figure as PNG bytes, rendered before any file is written."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
