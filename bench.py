@@ -62,6 +62,7 @@ def bench(
     batch_size: int = 128,
     num_blocks: int | None = None,
     layers_per_block: str | None = None,
+    train_blocks: str | None = None,
     hidden_size: int | None = None,
     num_hidden_layers: int | None = None,
     num_attention_heads: int | None = None,
@@ -87,6 +88,7 @@ def bench(
         batch_size: Training and inference batch size.
         num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of --layers_per_block).
         layers_per_block: dblock: layers of each block, block 0 first, e.g. 6,4,2 (default: the even split); the worst block is reported.
+        train_blocks: dblock: measure an independent job that builds and trains only these blocks (e.g. 1); no inference timing.
         hidden_size: Transformer width (default per dataset: 128; tiny-imagenet 768).
         num_hidden_layers: Transformer depth (default 12).
         num_attention_heads: Attention heads (default 4; tiny-imagenet 12).
@@ -106,11 +108,14 @@ def bench(
         data_dir: imagefolder only: folder whose train/ class folders give the number of classes.
     """
     from data import dataset_info
-    from dblock import parse_layers_per_block, resolve_num_blocks
+    from dblock import parse_block_list, parse_layers_per_block, resolve_num_blocks
+    from module import check_train_blocks
     from vit import default_arch
 
     layout = parse_layers_per_block(layers_per_block)
     num_blocks = resolve_num_blocks(num_blocks, layout)
+    job_blocks = parse_block_list(train_blocks, "--train_blocks")
+    check_train_blocks(job_blocks, num_blocks)
     check_at_least(batch_size=batch_size, num_blocks=num_blocks, steps=steps, loader_batches=loader_batches)
     check_at_least(minimum=0, warmup_steps=warmup_steps, num_workers=num_workers)
     for flag, path in (("--output", output), ("--plot", plot)):
@@ -125,7 +130,7 @@ def bench(
     device = resolve_device(accelerator)
     use_recipe_matmul_precision(device, precision)
     run = RunConfig(
-        batch_size=batch_size, num_blocks=num_blocks, layers_per_block=layout, precision=precision, compile=compile, steps=steps,
+        batch_size=batch_size, num_blocks=num_blocks, layers_per_block=layout, train_blocks=job_blocks, precision=precision, compile=compile, steps=steps,
         warmup_steps=warmup_steps, seed=seed,
     )
     results = {name: measure_variant(name, arch, info.num_classes, device, run) for name in VARIANTS}
@@ -150,6 +155,7 @@ class RunConfig:
     batch_size: int
     num_blocks: int
     layers_per_block: tuple[int, ...] | None  # None: the even split
+    train_blocks: list[int] | None  # an independent job's blocks; None: all (joint training)
     precision: str
     compile: bool
     steps: int
@@ -174,9 +180,14 @@ class Variant:
         return self.name != "vit"
 
     @property
-    def num_blocks(self) -> int:
-        """Blocks a step can train (the whole network counts as one for vit)."""
-        return len(self.model.blocks) if self.is_dblock else 1
+    def blocks(self) -> list[int]:
+        """Blocks a step can train (the whole network counts as one block 0 for vit)."""
+        return list(self.model.built_blocks) if self.is_dblock else [0]
+
+    @property
+    def can_sample(self) -> bool:
+        """Whether every block exists, so the sampler can run (not so for an independent job's model)."""
+        return not self.is_dblock or len(self.model.built_blocks) == self.model.num_blocks
 
     @property
     def policy(self) -> Policy:
@@ -234,7 +245,10 @@ def build_variant(name: str, arch, num_labels: int, device, run: RunConfig) -> V
     if name == "vit":
         model = ViTClassifier(arch=arch, num_labels=num_labels)
     else:
-        model = dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dblock.DBlockConfig(num_blocks=run.num_blocks, layers_per_block=run.layers_per_block))
+        from module import build_dblock
+
+        dcfg = dblock.DBlockConfig(num_blocks=run.num_blocks, layers_per_block=run.layers_per_block)
+        model = build_dblock(arch, num_labels, dcfg, run.seed, run.train_blocks, None)
     model.to(device).train()
     if run.compile:
         model.compile()
@@ -400,7 +414,7 @@ def infer(v: Variant, images) -> None:
 
     with torch.no_grad(), autocast(v):
         if v.is_dblock:
-            dblock.sample_logits(v.model, images, v.num_blocks)
+            dblock.sample_logits(v.model, images, v.model.num_blocks)
         else:
             v.model(images)
 
@@ -415,30 +429,33 @@ def measure_variant(name: str, arch, num_labels: int, device, run: RunConfig) ->
     with compile_limits(run):
         v = build_variant(name, arch, num_labels, device, run)
         batch = random_batch(arch, num_labels, run, device)
-        for block in range(v.num_blocks):  # every block trained once: all AdamW moments exist (steady state)
+        for block in v.blocks:  # every block trained once: all AdamW moments exist (steady state)
             step_and_clear(v, batch, block)
         for i in range(run.warmup_steps):
-            step_and_clear(v, batch, block_for_step(run.seed, i, v.num_blocks))
-        memory = max((measure_memory(v, batch, b) for b in range(v.num_blocks)), key=lambda m: m["peak_memory_bytes"])
-        blocks = [block_for_step(run.seed, run.warmup_steps + i, v.num_blocks) for i in range(run.steps)]
+            step_and_clear(v, batch, v.blocks[block_for_step(run.seed, i, len(v.blocks))])
+        memory = max((measure_memory(v, batch, b) for b in v.blocks), key=lambda m: m["peak_memory_bytes"])
+        blocks = [v.blocks[block_for_step(run.seed, run.warmup_steps + i, len(v.blocks))] for i in range(run.steps)]
         train_times = [timed(lambda b=b: step_and_clear(v, batch, b), device) for b in blocks]
-        v.model.eval()
-        if v.offloader is not None:
-            v.offloader.restore_weights(device)  # sampling runs every block
-        for _ in range(run.warmup_steps):
-            infer(v, batch[0])
-        infer_times = [timed(lambda: infer(v, batch[0]), device) for _ in range(run.steps)]
+        infer_times = []
+        if v.can_sample:
+            v.model.eval()
+            if v.offloader is not None:
+                v.offloader.restore_weights(device)  # sampling runs every block
+            for _ in range(run.warmup_steps):
+                infer(v, batch[0])
+            infer_times = [timed(lambda: infer(v, batch[0]), device) for _ in range(run.steps)]
     del v, batch
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    train_s, infer_s = statistics.median(train_times), statistics.median(infer_times)
+    train_s = statistics.median(train_times)
+    infer_s = statistics.median(infer_times) if infer_times else None
     return {
         **memory,
         "train_step_s": train_s,
         "infer_step_s": infer_s,
         "train_images_per_s": run.batch_size / train_s,
-        "infer_images_per_s": run.batch_size / infer_s,
+        "infer_images_per_s": run.batch_size / infer_s if infer_s else None,
         "train_blocks": blocks,
     }
 
@@ -494,7 +511,7 @@ def loader_throughput(native_size: int, image_size: int, batch_size: int, num_wo
 def assemble_report(results: dict, loader_images_per_s: float, device, config: dict) -> dict:
     """Everything measured, with the dblock / vit ratios and the targets they are held to."""
     vit, db = results["vit"], results[RATIO_VARIANT]
-    ratios = {name: db[key] / vit[key] for name, key in RATIO_KEYS.items()}
+    ratios = {name: db[key] / vit[key] if db[key] is not None else None for name, key in RATIO_KEYS.items()}
     fastest = max(results, key=lambda name: results[name]["train_images_per_s"])
     return {
         **results,
@@ -505,7 +522,7 @@ def assemble_report(results: dict, loader_images_per_s: float, device, config: d
         "versions": versions(),
         "ratio_variant": RATIO_VARIANT,
         "ratios": ratios,
-        "targets": {name: {"max": limit, "pass": ratios[name] <= limit} for name, limit in TARGETS.items()},
+        "targets": {name: {"max": limit, "pass": ratios[name] <= limit if ratios[name] is not None else None} for name, limit in TARGETS.items()},
         "loader_images_per_s": loader_images_per_s,
         "fastest_train_variant": fastest,
         "loader_slower_than_training": loader_images_per_s < results[fastest]["train_images_per_s"],
@@ -542,10 +559,21 @@ def versions() -> dict[str, str]:
     return found
 
 
+def job_note(config: dict) -> str:
+    """`, independent job: blocks 1` when only some blocks are built."""
+    blocks = config.get("train_blocks")
+    return f", independent job: blocks {','.join(map(str, blocks))}" if blocks else ""
+
+
 def layout_note(config: dict) -> str:
     """` (layers 6,4,2)` for an uneven block layout, empty for the even split."""
     layout = config.get("layers_per_block")
     return f" (layers {','.join(map(str, layout))})" if layout else ""
+
+
+def optional(value: float | None, width: int, spec: str) -> str:
+    """A right-aligned number, or `n/a` for a measurement that was not made."""
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
 def format_report(report: dict) -> str:
@@ -556,7 +584,7 @@ def format_report(report: dict) -> str:
         f"{'train s':>10}{'infer s':>10}{'train img/s':>13}{'infer img/s':>13}"
     )
     lines = [
-        f"bench {c['data']}: batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)}, precision {c['precision']}"
+        f"bench {c['data']}: batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)}{job_note(c)}, precision {c['precision']}"
         f"{', compiled' if c['compile'] else ''}; hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
         f"{c['num_attention_heads']} heads, MLP {c['intermediate_size']}, patch {c['patch_size']}, {c['image_size']} px, "
         f"{c['num_labels']} classes",
@@ -571,7 +599,8 @@ def format_report(report: dict) -> str:
         mib = [r["breakdown"][k] / MIB for k in COMPONENTS] + [r["peak_memory_bytes"] / MIB]
         lines.append(
             f"{name:<24}" + "".join(f"{x:>9.1f}" for x in mib)
-            + f"{r['train_step_s']:>10.4f}{r['infer_step_s']:>10.4f}{r['train_images_per_s']:>13.1f}{r['infer_images_per_s']:>13.1f}"
+            + f"{r['train_step_s']:>10.4f}{optional(r['infer_step_s'], 10, '.4f')}{r['train_images_per_s']:>13.1f}"
+            + optional(r["infer_images_per_s"], 13, ".1f")
         )
     fastest = report["fastest_train_variant"]
     verdict = "SLOWER than" if report["loader_slower_than_training"] else "keeps up with"
@@ -584,7 +613,8 @@ def format_report(report: dict) -> str:
     ]
     for name, target in report["targets"].items():
         label = name.replace("_", " ")
-        lines.append(f"{label:<18}{report['ratios'][name]:>7.3f}   <= {target['max']:.2f}  {'PASS' if target['pass'] else 'FAIL'}")
+        verdict = {True: "PASS", False: "FAIL", None: "n/a (an independent job cannot sample)"}[target["pass"]]
+        lines.append(f"{label:<18}{optional(report['ratios'][name], 7, '.3f')}   <= {target['max']:.2f}  {verdict}")
     return "\n".join(lines)
 
 

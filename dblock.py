@@ -63,14 +63,20 @@ class DBlockConfig:
             raise UserError(f"--gamma must be in [0, 0.5), got {self.gamma}")
 
 
-def parse_layers_per_block(text: str | None) -> tuple[int, ...] | None:
-    """`6,4,2` -> (6, 4, 2); None stays None; anything else is a one-line error."""
+def parse_block_list(text: str | int | None, flag: str) -> list[int] | None:
+    """`6,4,2` -> [6, 4, 2]; None stays None; anything else is a one-line error naming the flag."""
     if text is None:
         return None
     try:
-        return tuple(int(part) for part in str(text).split(","))
+        return [int(part) for part in str(text).split(",")]
     except ValueError:
-        raise UserError(f"--layers_per_block {text!r} must be comma-separated layer counts such as 6,4,2") from None
+        raise UserError(f"{flag} {text!r} must be comma-separated integers such as 6,4,2") from None
+
+
+def parse_layers_per_block(text: str | None) -> tuple[int, ...] | None:
+    """`6,4,2` -> (6, 4, 2): the layer count of each block."""
+    layout = parse_block_list(text, "--layers_per_block")
+    return tuple(layout) if layout is not None else None
 
 
 def resolve_num_blocks(num_blocks: int | None, layout: tuple[int, ...] | None) -> int:
@@ -161,13 +167,54 @@ class AdaLNLayer(nn.Module):
         return h + gate_m[:, None] * self.mlp(modulate(self.norm2(h), shift_m, scale_m))
 
 
-class DiffusionBlocksViT(nn.Module):
-    """Label denoiser D(z; image, sigma) built from B independently trainable blocks of transformer layers."""
+def seeded_label_table(num_labels: int, dim: int, seed: int, std: float) -> torch.Tensor:
+    """The label-embedding table every independent job derives alike from the seed (normal rows, std `std`)."""
+    return torch.randn(num_labels, dim, generator=torch.Generator().manual_seed(seed)) * std
 
-    def __init__(self, *, arch: ArchConfig, num_labels: int, dcfg: DBlockConfig = DBlockConfig(), edm_cfg: edm.EDMConfig = edm.EDMConfig()):
+
+class NoisePartition:
+    """Noise ranges of the blocks (training) and the block of a noise level (inference), from the block config."""
+
+    arch: ArchConfig
+    dcfg: DBlockConfig
+    edm_cfg: edm.EDMConfig
+    boundaries: list[float]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.dcfg.num_blocks
+
+    def training_range(self, block: int) -> tuple[float, float]:
+        """The gamma-widened noise range a block is trained on."""
+        return edm.widened_block_range(block, self.boundaries, self.dcfg.gamma, self.edm_cfg)
+
+    def block_of_sigma(self, sigma: float) -> int:
+        """The block that denoises noise level sigma at inference."""
+        return edm.block_of_sigma(sigma, self.boundaries)
+
+
+class DiffusionBlocksViT(NoisePartition, nn.Module):
+    """Label denoiser D(z; image, sigma) built from B independently trainable blocks of transformer layers.
+
+    `built_blocks` builds only those blocks' layers (the others stay empty): an independent job's model.
+    `label_seed` replaces the trainable label table by a frozen one derived from that seed, so jobs that
+    never communicate denoise in the same label space.
+    """
+
+    def __init__(
+        self,
+        *,
+        arch: ArchConfig,
+        num_labels: int,
+        dcfg: DBlockConfig = DBlockConfig(),
+        edm_cfg: edm.EDMConfig = edm.EDMConfig(),
+        built_blocks: tuple[int, ...] | None = None,
+        label_seed: int | None = None,
+    ):
         super().__init__()
         dcfg.validate(arch.num_hidden_layers)
         self.arch, self.dcfg, self.edm_cfg = arch, dcfg, edm_cfg
+        self.built_blocks = tuple(range(dcfg.num_blocks)) if built_blocks is None else tuple(built_blocks)
         d, cond_dim = arch.hidden_size, arch.hidden_size // 6
         # Stem (shared)
         self.patch_embed = nn.Conv2d(arch.num_channels, d, kernel_size=arch.patch_size, stride=arch.patch_size)
@@ -177,7 +224,8 @@ class DiffusionBlocksViT(nn.Module):
         self.noise_embed = NoiseEmbedder(cond_dim)
         # Blocks, and the ascending noise boundaries that assign them their ranges
         self.blocks = nn.ModuleList(
-            nn.ModuleList(AdaLNLayer(arch, cond_dim) for _ in range(n)) for n in dcfg.layout(arch.num_hidden_layers)
+            nn.ModuleList(AdaLNLayer(arch, cond_dim) for _ in range(n if b in self.built_blocks else 0))
+            for b, n in enumerate(dcfg.layout(arch.num_hidden_layers))
         )
         self.boundaries = edm.partition_boundaries(dcfg.partition, dcfg.num_blocks, edm_cfg)
         # Head (shared)
@@ -185,18 +233,9 @@ class DiffusionBlocksViT(nn.Module):
         self.final_ada = nn.Linear(cond_dim, 2 * d)
         self.classifier = nn.Linear(d, num_labels)
         self.reset_parameters()
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    def training_range(self, block: int) -> tuple[float, float]:
-        """The gamma-widened noise range a block is trained on."""
-        return edm.widened_block_range(block, self.boundaries, self.dcfg.gamma, self.edm_cfg)
-
-    def block_of_sigma(self, sigma: float) -> int:
-        """The block that denoises noise level sigma at inference."""
-        return edm.block_of_sigma(sigma, self.boundaries)
+        if label_seed is not None:
+            self.label_embed.weight.data.copy_(seeded_label_table(num_labels, d, label_seed, arch.initializer_range))
+            self.label_embed.weight.requires_grad_(False)
 
     def reset_parameters(self) -> None:
         """ViT init (truncated normal 0.02, zero biases) with adaLN-Zero: modulations and classifier start at zero."""
@@ -246,6 +285,8 @@ class DiffusionBlocksViT(nn.Module):
 
     def forward(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int) -> torch.Tensor:
         """Logits (N, num_labels) of the denoised label state, running only `block`'s layers."""
+        if block not in self.built_blocks:
+            raise ValueError(f"block {block} is not built in this model (it holds blocks {list(self.built_blocks)})")
         sd = self.edm_cfg.sigma_data
         c = self.noise_embed(edm.c_noise(sigma))  # (N, d_c)
         h = self.embed_tokens(images, z, sigma)  # (N, 1 + P, D)
@@ -257,22 +298,44 @@ class DiffusionBlocksViT(nn.Module):
         return self.classifier(D_x * (1 + scale) + shift)
 
 
-def block_table(model: DiffusionBlocksViT) -> list[dict]:
+class AssembledBlocks(NoisePartition, nn.Module):
+    """A DiffusionBlocks model assembled from independently trained jobs: each block denoises with the stem
+    and head of the job that trained it; all jobs share the seed-derived frozen label table."""
+
+    def __init__(self, members: list[DiffusionBlocksViT]):
+        super().__init__()
+        first = members[0]
+        self.arch, self.dcfg, self.edm_cfg, self.boundaries = first.arch, first.dcfg, first.edm_cfg, first.boundaries
+        self.members = nn.ModuleList(members)
+        self.owner = {b: i for i, member in enumerate(members) for b in member.built_blocks}
+
+    def clean_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.members[0].clean_targets(labels)
+
+    def bridge_table(self) -> torch.Tensor:
+        return self.members[0].bridge_table()
+
+    def forward(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int) -> torch.Tensor:
+        """Logits of `block`'s denoiser, run by the job that trained it."""
+        return self.members[self.owner[block]](images, z, sigma, block)
+
+
+def block_table(model: NoisePartition) -> list[dict]:
     """Per block, block 0 first: its layer indices, noise range, gamma-widened training range and the
     probability mass of the (truncated) training log-normal inside its range."""
     rows, first = [], 0
-    for b, layers in enumerate(model.blocks):
+    for b, n in enumerate(model.dcfg.layout(model.arch.num_hidden_layers)):
         lo, hi = edm.block_range(b, model.boundaries)
         rows.append(
             {
                 "block": b,
-                "layers": list(range(first, first + len(layers))),
+                "layers": list(range(first, first + n)),
                 "sigma_range": [lo, hi],
                 "widened_range": list(model.training_range(b)),
                 "probability_mass": edm.probability_mass(lo, hi, model.edm_cfg),
             }
         )
-        first += len(layers)
+        first += n
     return rows
 
 

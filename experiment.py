@@ -137,7 +137,7 @@ def check_resumable(ckpt: dict, path: str, hparams) -> None:
         raise UserError(f"checkpoint {path} is the released program's: `main.py test` scores it, but training cannot resume from it; start a new run")
     keys = ("model_type", "arch", "num_labels")
     if saved.get("model_type") == "dblock":
-        keys += ("num_blocks", "layers_per_block", "partition")
+        keys += ("num_blocks", "layers_per_block", "partition", "train_blocks")
     for key in keys:
         if saved.get(key) != hparams.get(key):
             raise UserError(

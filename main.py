@@ -16,10 +16,11 @@ from typing import Literal, NoReturn
 
 from jsonargparse import ArgumentParser, auto_cli
 
+from assemble import assemble
 from bench import bench
 from errors import UserError, check_at_least
 from flags import Accelerator, Data, Logger, ModelType, Partition, Precision, Scheduler
-from report import bundle_run_dirs, report
+from report import report
 
 
 class OneLineErrorParser(ArgumentParser):
@@ -90,6 +91,7 @@ def train(
     num_blocks: int | None = None,
     layers_per_block: str | None = None,
     partition: Partition = "equiprob",
+    train_blocks: str | None = None,
     gamma: float = 0.05,
     num_inference_steps: int | None = None,
     cfg_scale: float = 0.0,
@@ -143,6 +145,7 @@ def train(
         num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of --layers_per_block).
         layers_per_block: dblock: layers of each block, block 0 (highest noise) first, e.g. 6,4,2 (default: the even split).
         partition: dblock: noise-range boundaries: equiprob (equal training probability, released) or uniform (equal width in log sigma).
+        train_blocks: dblock: train only these blocks (e.g. 1 or 0,2) as an independent job with a frozen seed-derived label table; combine the jobs with `main.py assemble`.
         gamma: dblock: log-space overlap of neighbouring blocks' noise ranges.
         num_inference_steps: dblock: sampler steps at test time (default num_blocks).
         cfg_scale: dblock: classifier-free guidance scale at test time (0 = off; 1 = the conditional logits).
@@ -158,7 +161,7 @@ def train(
         check_resumable, find_resume_checkpoint, make_logger, make_trainer, read_checkpoint, resolve_run_dir, write_metrics,
     )
     from data import ImageDataModule
-    from dblock import parse_layers_per_block, resolve_num_blocks
+    from dblock import parse_block_list, parse_layers_per_block, resolve_num_blocks
     from module import LitClassifier, check_scheduler
     from vit import default_arch
     import pytorch_lightning as pl
@@ -171,6 +174,9 @@ def train(
     if offload_weights and (devices > 1 or num_nodes > 1):
         raise UserError("--offload_weights works on one device only (DDP needs every weight on its device): drop it or use --devices 1")
     layout = parse_layers_per_block(layers_per_block)
+    blocks_to_train = parse_block_list(train_blocks, "--train_blocks")
+    if blocks_to_train is not None and model_type != "dblock":
+        raise UserError("--train_blocks needs --model_type dblock")
     num_blocks = resolve_num_blocks(num_blocks, layout)
     sched_kwargs = parse_json_object(scheduler_specific_kwargs, "--scheduler_specific_kwargs")
     check_scheduler(scheduler_type, num_warmup_steps, sched_kwargs)
@@ -187,7 +193,7 @@ def train(
         model_type=model_type, arch=arch.to_dict(), num_labels=dm.info.num_classes, lr=lr, weight_decay=weight_decay,
         scheduler_type=scheduler_type, num_warmup_steps=num_warmup_steps, scheduler_specific_kwargs=sched_kwargs, seed=seed,
         gradient_checkpointing=gradient_checkpointing, num_blocks=num_blocks, gamma=gamma,
-        layers_per_block=list(layout) if layout else None, partition=partition,
+        layers_per_block=list(layout) if layout else None, partition=partition, train_blocks=blocks_to_train,
         batch_mean_loss_weight=batch_mean_loss_weight, raw_embedding_bridge=raw_embedding_bridge,
         class_dropout_prob=class_dropout_prob, num_inference_steps=num_inference_steps, cfg_scale=cfg_scale,
         offload_optimizer=offload_optimizer, offload_weights=offload_weights, compile_model=compile,
@@ -203,7 +209,7 @@ def train(
         dm.prepare_data()
         dm.setup("fit")
         dm.train_dataloader()  # rejects a batch larger than the training set
-    scale = num_blocks if model_type == "dblock" else 1
+    scale = len(module.trainable_blocks) if model_type == "dblock" else 1
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(
         run_dir=run_dir,
@@ -218,6 +224,9 @@ def train(
         if model_type == "dblock":
             write_block_table(run_dir, module.model)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if not module.covers_all_blocks:
+        print(f"trained blocks {blocks_to_train} of {num_blocks}: combine every block's job with `main.py assemble`, then test the result")
+        return {}
     trainer.test(module, datamodule=dm, verbose=True)
     if trainer.is_global_zero:
         return write_metrics(run_dir / "metrics.json", module, str(run_dir / "last.ckpt"))
@@ -316,7 +325,9 @@ def test(
     return write_metrics(run_dir / "metrics.json", module, str(ckpt_path))
 
 
-COMMANDS = {"train": train, "test": test, "bench": bench, "report": report}
+COMMANDS = {"train": train, "test": test, "bench": bench, "report": report, "assemble": assemble}
+# Subcommands whose positional argument is a list, and their flags that take the next token as value.
+LIST_POSITIONALS = {"report": ("--output", "--plot", "--config"), "assemble": ("--output", "--config")}
 
 
 def boolean_flags() -> set[str]:
@@ -351,6 +362,23 @@ def expand_bare_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def bundle_list_positional(argv: list[str]) -> list[str]:
+    """Gather the positional arguments of `report` and `assemble` into one JSON list: jsonargparse reads a
+    list positional from a single token."""
+    if not argv or argv[0] not in LIST_POSITIONALS:
+        return argv
+    value_flags, flags, items, i = LIST_POSITIONALS[argv[0]], [], [], 1
+    while i < len(argv):
+        token = argv[i]
+        if token in value_flags and i + 1 < len(argv):
+            flags += argv[i : i + 2]
+            i += 2
+            continue
+        (flags if token.startswith("-") else items).append(token)
+        i += 1
+    return [argv[0], *flags, *([json.dumps(items)] if items else [])]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the chosen subcommand; bad input becomes one line on stderr and exit code 2."""
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -358,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     # config.yaml is written into the run folder before Lightning's first checkpoint; that is expected.
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-    argv = bundle_run_dirs(expand_bare_flags(sys.argv[1:] if argv is None else argv))
+    argv = bundle_list_positional(expand_bare_flags(sys.argv[1:] if argv is None else argv))
     try:
         auto_cli(COMMANDS, args=argv, parser_class=OneLineErrorParser, as_positional=True)
     except UserError as err:

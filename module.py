@@ -69,6 +69,28 @@ def check_scheduler(name: str, num_warmup_steps: int, kwargs: dict) -> None:
         raise UserError(f"--scheduler_type {name} with --scheduler_specific_kwargs {kwargs}: {message}") from None
 
 
+def check_train_blocks(train_blocks: list[int] | None, num_blocks: int) -> None:
+    """--train_blocks must name distinct existing blocks."""
+    if train_blocks is None:
+        return
+    if not train_blocks or len(set(train_blocks)) != len(train_blocks) or not all(0 <= b < num_blocks for b in train_blocks):
+        raise UserError(
+            f"--train_blocks {','.join(map(str, train_blocks))} must name distinct blocks between 0 and {num_blocks - 1}, e.g. --train_blocks 1"
+        )
+
+
+def build_dblock(arch: ArchConfig, num_labels: int, dcfg, seed: int, train_blocks: list[int] | None, member_blocks: list[list[int]] | None):
+    """The DiffusionBlocks network: joint (every block, shared trainable label table), one independent job's
+    blocks (frozen seed-derived label table, its own stem and head), or the assembly of such jobs."""
+    if member_blocks is not None:
+        members = [dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dcfg, built_blocks=tuple(m), label_seed=seed) for m in member_blocks]
+        return dblock.AssembledBlocks(members)
+    if train_blocks is not None:
+        check_train_blocks(train_blocks, dcfg.num_blocks)
+        return dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dcfg, built_blocks=tuple(train_blocks), label_seed=seed)
+    return dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dcfg)
+
+
 class LitClassifier(pl.LightningModule):
     """Image classifier trained end to end (`vit`) or one diffusion block per step (`dblock`).
 
@@ -92,6 +114,8 @@ class LitClassifier(pl.LightningModule):
         gamma: float = 0.05,
         layers_per_block: list[int] | None = None,
         partition: str = "equiprob",
+        train_blocks: list[int] | None = None,
+        member_blocks: list[list[int]] | None = None,
         batch_mean_loss_weight: bool = True,
         raw_embedding_bridge: bool = True,
         class_dropout_prob: float = 0.0,
@@ -121,8 +145,8 @@ class LitClassifier(pl.LightningModule):
                 batch_mean_loss_weight=batch_mean_loss_weight,
                 raw_embedding_bridge=raw_embedding_bridge,
             )
-            self.model = dblock.DiffusionBlocksViT(arch=arch_cfg, num_labels=num_labels, dcfg=dcfg)
-        use_offload = model_type == "dblock" and (offload_optimizer or offload_weights)
+            self.model = build_dblock(arch_cfg, num_labels, dcfg, seed, train_blocks, member_blocks)
+        use_offload = model_type == "dblock" and member_blocks is None and (offload_optimizer or offload_weights)
         self.offloader = BlockOffloader(self.model.blocks, offload_weights=offload_weights) if use_offload else None
         # As released, images are blanked for guidance only when guidance is on.
         self.class_dropout = class_dropout_prob if cfg_scale > 0 else 0.0
@@ -144,6 +168,16 @@ class LitClassifier(pl.LightningModule):
         return self.hparams.model_type == "dblock"
 
     @property
+    def trainable_blocks(self) -> list[int]:
+        """The blocks this run draws its steps from: --train_blocks, else all."""
+        return self.hparams.train_blocks or list(range(self.hparams.num_blocks))
+
+    @property
+    def covers_all_blocks(self) -> bool:
+        """Whether this model can run the sampler (an independent job holding some blocks cannot)."""
+        return not self.is_dblock or sorted(self.model.owner if self.hparams.member_blocks else self.trainable_blocks) == list(range(self.hparams.num_blocks))
+
+    @property
     def inference_steps(self) -> int:
         """Sampler steps at test time: the flag if given, else one per block."""
         return self.hparams.num_inference_steps or self.hparams.num_blocks
@@ -160,7 +194,7 @@ class LitClassifier(pl.LightningModule):
             self.check_finite(loss)
             self.log("train/loss", loss, prog_bar=True)
             return loss
-        block = block_for_step(self.hparams.seed, self.global_step, self.hparams.num_blocks)
+        block = self.trainable_blocks[block_for_step(self.hparams.seed, self.global_step, len(self.trainable_blocks))]
         self.current_block = block
         if self.offloader is not None:
             self.offloader.activate(block, self.optimizers().optimizer, self.device)
@@ -208,7 +242,8 @@ class LitClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused)
+        trainable = [p for p in self.parameters() if p.requires_grad]  # an independent job's label table is frozen
+        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused)
         scheduler = make_scheduler(
             optimizer,
             self.hparams.scheduler_type,

@@ -45,7 +45,6 @@ COLUMNS = (
 BLOCK_LOSS = re.compile(r"train/loss_(\d+)")
 ACCURACY_KEYS = ("eval/acc", "val/acc")  # periodic test-split evaluation if the run logged it, else the validation split
 EVAL_KEYS = ("test/acc", *ACCURACY_KEYS)
-VALUE_FLAGS = ("--output", "--plot", "--config")  # report flags that take the next token as their value
 
 
 def report(run_dirs: list[str], *, output: str | None = None, plot: str | None = None) -> list[dict[str, str]]:
@@ -74,22 +73,6 @@ def report(run_dirs: list[str], *, output: str | None = None, plot: str | None =
         write_output(output, "--output", lambda f: f.write((table + "\n").encode()))
     print(table)
     return rows
-
-
-def bundle_run_dirs(argv: list[str]) -> list[str]:
-    """Gather the RUN_DIR arguments of `report` into one JSON list: jsonargparse reads a list positional from one token."""
-    if not argv or argv[0] != "report":
-        return argv
-    flags, dirs, i = [], [], 1
-    while i < len(argv):
-        token = argv[i]
-        if token in VALUE_FLAGS and i + 1 < len(argv):
-            flags += argv[i : i + 2]
-            i += 2
-            continue
-        (flags if token.startswith("-") else dirs).append(token)
-        i += 1
-    return ["report", *flags, *([json.dumps(dirs)] if dirs else [])]
 
 
 # ---- reading a run folder -------------------------------------------------------------------------

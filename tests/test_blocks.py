@@ -119,7 +119,7 @@ def test_cli_writes_blocks_json_and_checkpoint_records_the_layout(cifar_dir, cap
     [
         (["--layers_per_block", "3,2"], "must be positive numbers summing to --num_hidden_layers 6"),
         (["--layers_per_block", "4,-1,3"], "must be positive numbers"),
-        (["--layers_per_block", "3,x,1"], "comma-separated layer counts"),
+        (["--layers_per_block", "3,x,1"], "comma-separated integers"),
         (["--layers_per_block", "2,2,2", "--num_blocks", "2"], "--num_blocks 2 disagrees with --layers_per_block 2,2,2"),
         (["--partition", "linear"], "partition"),
     ],
