@@ -13,3 +13,4 @@ Scheduler = Literal[
 Logger = Literal["wandb", "csv", "none"]
 Precision = Literal["32", "bf16-mixed"]
 Accelerator = Literal["auto", "cpu", "gpu"]
+Augment = Literal["released", "none", "crop", "flip"]  # training augmentation: the released one or a part of it
