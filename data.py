@@ -33,6 +33,8 @@ CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTS = get_args(Augment)
+# Datasets with a labelled validation split (Tiny-ImageNet's val/ is both its validation and its test split).
+VALIDATION_SPLIT = ("tiny-imagenet",)
 OFFLINE_ENV = "DIFFUSIONBLOCKS_OFFLINE"
 IMAGEFOLDER_IMAGE_SIZE = 32
 # Number of classes and native image side of the datasets with a fixed layout.
@@ -510,6 +512,15 @@ class ImageDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Every test image exactly once, in order."""
         return self.loader(self.test_set, self.eval_batch_size, train=False)
+
+    @property
+    def has_validation_split(self) -> bool:
+        """Whether the released program validates on this dataset (and tests its best checkpoint)."""
+        return self.data in VALIDATION_SPLIT
+
+    def val_dataloader(self) -> DataLoader:
+        """The test split again: Tiny-ImageNet's val/ is both splits, and --eval_every_n_epochs scores the test split."""
+        return self.test_dataloader()
 
     def trainer_step(self) -> int:
         """The attached trainer's optimizer step (0 before fitting)."""

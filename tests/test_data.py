@@ -210,6 +210,17 @@ def test_only_modes_with_the_flip_mirror(name, augment, mirrors):
         assert not any(flags)
 
 
+def test_validation_split_of_tiny_imagenet_is_its_test_split(tmp_path):
+    write_tiny_imagenet(tmp_path)
+    write_cifar(tmp_path, n_train=4, n_test=2)
+    tiny = ready(ImageDataModule("tiny-imagenet", str(tmp_path), batch_size=2, num_workers=0, augment="none"))
+    cifar = ready(ImageDataModule("cifar100", str(tmp_path), batch_size=2, num_workers=0))
+    assert tiny.has_validation_split and not cifar.has_validation_split
+    val, test = list(tiny.val_dataloader()), list(tiny.test_dataloader())
+    assert len(val) == len(test) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(val, test))
+    assert [type(t) for t in tiny.train_set.transform.transforms][:2] == [T.Resize, T.CenterCrop]  # --augment none
+
+
 @pytest.mark.parametrize("name", ["cifar100", "tiny-imagenet", "imagefolder"])
 def test_datasets_with_transforms_pickle(tmp_path, name):
     write_cifar(tmp_path, n_train=4, n_test=2)
