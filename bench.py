@@ -134,7 +134,7 @@ def bench(
         warmup_steps=warmup_steps, seed=seed,
     )
     results = {name: measure_variant(name, arch, info.num_classes, device, run) for name in VARIANTS}
-    loader = loader_throughput(info.image_size, arch.image_size, batch_size, num_workers, loader_batches, seed, device)
+    loader = loader_throughput(data, info.image_size, arch.image_size, batch_size, num_workers, loader_batches, seed, device)
     config = {
         "data": data, "accelerator": accelerator, "num_labels": info.num_classes, **arch.to_dict(), **asdict(run),
         "num_workers": num_workers, "loader_batches": loader_batches,
@@ -481,8 +481,10 @@ def random_batch(arch, num_labels: int, run: RunConfig, device):
 
 
 # ---- data loader --------------------------------------------------------------------------------
-def loader_throughput(native_size: int, image_size: int, batch_size: int, num_workers: int, batches: int, seed: int, device) -> float:
-    """Images per second of the recipe's training pipeline (uint8 array -> train_transform -> batches)."""
+def loader_throughput(
+    data: str, native_size: int, image_size: int, batch_size: int, num_workers: int, batches: int, seed: int, device
+) -> float:
+    """Images per second of DATA's released training pipeline (uint8 array -> train_transform -> batches)."""
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
@@ -494,7 +496,7 @@ def loader_throughput(native_size: int, image_size: int, batch_size: int, num_wo
     images = rng.integers(0, 256, (n, native_size, native_size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n)
     loader = DataLoader(
-        ArrayDataset(images, labels, train_transform(image_size, add_rand_aug=False)), batch_size=batch_size, shuffle=True,
+        ArrayDataset(images, labels, train_transform(data, image_size, add_rand_aug=False)), batch_size=batch_size, shuffle=True,
         drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
     )
     it = iter(loader)

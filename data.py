@@ -12,7 +12,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
 import numpy as np
 import pytorch_lightning as pl
@@ -24,11 +24,17 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import calculate_md5, check_md5
 
 from errors import UserError
+from flags import Augment
 
 DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder")
-# The released recipe normalises every dataset with the CIFAR-100 statistics.
+# The released recipe normalises Tiny-ImageNet with the ImageNet statistics and CIFAR with CIFAR-100's.
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENTS = get_args(Augment)
+# Datasets with a labelled validation split (Tiny-ImageNet's val/ is both its validation and its test split).
+VALIDATION_SPLIT = ("tiny-imagenet",)
 OFFLINE_ENV = "DIFFUSIONBLOCKS_OFFLINE"
 IMAGEFOLDER_IMAGE_SIZE = 32
 # Number of classes and native image side of the datasets with a fixed layout.
@@ -78,24 +84,37 @@ CIFAR_FILES = {
 }
 
 
-def train_transform(image_size: int, add_rand_aug: bool) -> transforms.Compose:
-    """Training augmentation of the released recipe, optionally with RandAugment."""
-    steps = [transforms.Resize(image_size), transforms.RandomCrop(image_size, padding=4), transforms.RandomHorizontalFlip()]
+def normalization(data: str) -> transforms.Normalize:
+    """The released Normalize: ImageNet statistics for Tiny-ImageNet, CIFAR-100 statistics for every other dataset."""
+    if data == "tiny-imagenet":
+        return transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    return transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD)
+
+
+def geometry(data: str, image_size: int, random_crop: bool) -> list:
+    """Resizing and cropping to image_size: the dataset's released random crop, or the deterministic test-time one."""
+    if not random_crop:
+        return [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    if data == "tiny-imagenet":
+        return [transforms.RandomResizedCrop(image_size)]  # torchvision defaults, as released
+    return [transforms.Resize(image_size), transforms.RandomCrop(image_size, padding=4)]
+
+
+def train_transform(data: str, image_size: int, add_rand_aug: bool, augment: Augment = "released") -> transforms.Compose:
+    """Training transform of `data`: the released augmentation or a part of it (`augment`), optionally with RandAugment."""
+    if augment not in AUGMENTS:
+        raise UserError(f"unknown augmentation {augment!r}: choose one of {', '.join(AUGMENTS)}")
+    steps = geometry(data, image_size, random_crop=augment in ("released", "crop"))
+    if augment in ("released", "flip"):
+        steps.append(transforms.RandomHorizontalFlip())
     if add_rand_aug:
         steps.append(transforms.RandAugment())
-    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
+    return transforms.Compose([*steps, transforms.ToTensor(), normalization(data)])
 
 
-def test_transform(image_size: int) -> transforms.Compose:
-    """Deterministic evaluation transform."""
-    return transforms.Compose(
-        [
-            transforms.Resize(image_size),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD),
-        ]
-    )
+def test_transform(data: str, image_size: int) -> transforms.Compose:
+    """Deterministic evaluation transform of `data`."""
+    return transforms.Compose([*geometry(data, image_size, random_crop=False), transforms.ToTensor(), normalization(data)])
 
 
 def rgb_loader(path: str) -> Image.Image:
@@ -441,6 +460,7 @@ class ImageDataModule(pl.LightningDataModule):
         add_rand_aug: bool = False,
         image_size: int | None = None,
         seed: int = 42,
+        augment: Augment = "released",
     ):
         super().__init__()
         # One download per job, by global rank 0, into the (shared) data folder; other ranks wait.
@@ -457,6 +477,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.add_rand_aug = add_rand_aug
+        self.augment = augment
         self.seed = seed
         self.info = dataset_info(data, data_dir, image_size)
         self.train_set: Dataset | None = None
@@ -470,9 +491,10 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read and validate the splits this stage needs (fitting also loads test, which follows it)."""
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self.read_split("train", train_transform(self.info.image_size, self.add_rand_aug))
+            transform = train_transform(self.data, self.info.image_size, self.add_rand_aug, self.augment)
+            self.train_set = self.read_split("train", transform)
         if self.test_set is None:
-            self.test_set = self.read_split("test", test_transform(self.info.image_size))
+            self.test_set = self.read_split("test", test_transform(self.data, self.info.image_size))
 
     def read_split(self, split: str, transform: transforms.Compose) -> Dataset:
         """One split of this module's dataset."""
@@ -490,6 +512,15 @@ class ImageDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Every test image exactly once, in order."""
         return self.loader(self.test_set, self.eval_batch_size, train=False)
+
+    @property
+    def has_validation_split(self) -> bool:
+        """Whether the released program validates on this dataset (and tests its best checkpoint)."""
+        return self.data in VALIDATION_SPLIT
+
+    def val_dataloader(self) -> DataLoader:
+        """The test split again: Tiny-ImageNet's val/ is both splits, and --eval_every_n_epochs scores the test split."""
+        return self.test_dataloader()
 
     def trainer_step(self) -> int:
         """The attached trainer's optimizer step (0 before fitting)."""

@@ -95,6 +95,19 @@ def make_logger(kind: str, *, data: str, run_name: str, run_dir: Path, debug: bo
     return WandbLogger(project=f"dblocks-{data}", name=run_name, id=run_id, save_dir=str(run_dir), offline=offline, resume="allow")
 
 
+# ---- evaluation and checkpoints ---------------------------------------------------------------
+def evaluation_schedule(has_validation_split: bool, save_every_n_epochs: int, eval_every_n_epochs: int | None) -> dict[str, int]:
+    """Metric prefix -> epochs between scorings of the test split during training.
+
+    "val" (released, datasets with a validation split only): at every periodic checkpoint, to keep the best ones.
+    "eval" (--eval_every_n_epochs): a learning curve on any dataset, never used to choose a checkpoint.
+    """
+    schedule = {"val": save_every_n_epochs} if has_validation_split else {}
+    if eval_every_n_epochs is not None:
+        schedule["eval"] = eval_every_n_epochs
+    return schedule
+
+
 # ---- checkpoints ------------------------------------------------------------------------------
 def read_checkpoint(path: str) -> dict:
     """Open a checkpoint safely (weights_only): one written by this program, or one of the released program, converted."""
@@ -146,6 +159,18 @@ def check_resumable(ckpt: dict, path: str, hparams) -> None:
             )
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose last.ckpt always ends as the final weights.
+
+    Lightning writes last.ckpt only together with a periodic checkpoint, so a run of 7 epochs saving every 5 would
+    leave epoch 5 in it; the final weights are what a run without a validation split tests and names last.ckpt.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skipped when this step is already saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 # ---- trainer ----------------------------------------------------------------------------------
 def make_trainer(
     *,
@@ -163,13 +188,20 @@ def make_trainer(
     find_unused_parameters: bool,
     progress_every_s: float = 60.0,
     log_every_n_steps: int = 50,
+    validate_every: int | None = None,
+    best_by: str | None = None,
 ) -> pl.Trainer:
-    """Trainer with the released recipe's clipping and checkpointing, writing everything into run_dir."""
+    """Trainer with the released recipe's clipping and checkpointing, writing everything into run_dir.
+
+    validate_every: run the validation loop every this many epochs (None: never).
+    best_by: keep the --save_top_k checkpoints with the highest value of this metric (None: the latest ones).
+    """
     if precision == "32":
         # As released: fp32 weights and activations, TF32 tensor cores for matmuls on Ampere and newer.
         torch.set_float32_matmul_precision("high")
-    checkpoint = ModelCheckpoint(
-        dirpath=str(run_dir), filename="{epoch}-{step}", every_n_epochs=save_every_n_epochs, save_top_k=save_top_k, save_last=True
+    checkpoint = RunCheckpoint(
+        dirpath=str(run_dir), filename="{epoch}-{step}", every_n_epochs=save_every_n_epochs, save_top_k=save_top_k, save_last=True,
+        monitor=best_by, mode="max",
     )
     extra = [LearningRateMonitor(logging_interval="step")] if logger else []
     interactive = attached_to_terminal()
@@ -194,6 +226,8 @@ def make_trainer(
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=log_every_n_steps,
         num_sanity_val_steps=0,
+        check_val_every_n_epoch=validate_every or 1,
+        limit_val_batches=1.0 if validate_every else 0,
     )
 
 

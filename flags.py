@@ -16,3 +16,4 @@ Logger = Literal["wandb", "csv", "none"]
 Precision = Literal["32", "bf16-mixed"]
 Accelerator = Literal["auto", "cpu", "gpu"]
 Partition = Literal[PARTITIONS]
+Augment = Literal["released", "none", "crop", "flip"]  # training augmentation: the released one or a part of it

@@ -6,6 +6,7 @@ Flag names and defaults follow the released program; see README.md for every fla
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -19,7 +20,7 @@ from jsonargparse import ArgumentParser, auto_cli
 from assemble import assemble
 from bench import bench
 from errors import UserError, check_at_least
-from flags import Accelerator, Data, Logger, ModelType, Partition, Precision, Scheduler
+from flags import Accelerator, Augment, Data, Logger, ModelType, Partition, Precision, Scheduler
 from report import report
 
 
@@ -66,8 +67,10 @@ def train(
     eval_batch_size: int | None = None,
     num_workers: int = 8,
     add_rand_aug: bool = False,
+    augment: Augment = "released",
     save_every_n_epochs: int = 5,
     save_top_k: int = 1,
+    eval_every_n_epochs: int | None = None,
     accumulate_grad_batches: int = 1,
     gradient_checkpointing: bool = False,
     optimizer: Literal["adamw"] = "adamw",
@@ -102,7 +105,7 @@ def train(
     offload_weights: bool = False,
     compile: bool = False,  # noqa: A002 (the flag is --compile)
 ) -> dict:
-    """Train a model, save checkpoints in logs/<run_name>/, then test the final weights.
+    """Train a model, save checkpoints in logs/<run_name>/, then test the best (validation split) or the final weights.
 
     Args:
         data: Dataset: cifar10, cifar100, tiny-imagenet or imagefolder (class folders under --data_dir/train and /test).
@@ -119,9 +122,11 @@ def train(
         batch_size: Training batch size per device.
         eval_batch_size: Test batch size (default: batch_size).
         num_workers: Data loader worker processes.
-        add_rand_aug: Add RandAugment after the horizontal flip.
-        save_every_n_epochs: Write a checkpoint every this many epochs (plus last.ckpt).
-        save_top_k: How many periodic checkpoints to keep (-1 = all).
+        add_rand_aug: Add RandAugment after the horizontal flip (with any --augment).
+        augment: Training augmentation: released (the dataset's random crop and flip), none (resize and centre crop, as at test), crop (the random crop only) or flip (the flip only).
+        save_every_n_epochs: Write a checkpoint every this many epochs (plus last.ckpt); tiny-imagenet also validates then.
+        save_top_k: How many periodic checkpoints to keep (-1 = all): the best by val/acc on tiny-imagenet, else the latest.
+        eval_every_n_epochs: Score the test split every this many epochs and log eval/acc, a learning curve (default: never); changes neither training nor the checkpoint tested.
         accumulate_grad_batches: Batches per optimizer step.
         gradient_checkpointing: Recompute activations in backward (vit baseline only).
         optimizer: Optimizer (only adamw, as released).
@@ -158,7 +163,8 @@ def train(
     """
     config = dict(locals())  # the flags exactly as resolved, saved as config.yaml
     from experiment import (
-        check_resumable, find_resume_checkpoint, make_logger, make_trainer, read_checkpoint, resolve_run_dir, write_metrics,
+        check_resumable, evaluation_schedule, find_resume_checkpoint, make_logger, make_trainer, module_from_checkpoint,
+        read_checkpoint, resolve_run_dir, write_metrics,
     )
     from data import ImageDataModule
     from dblock import parse_block_list, parse_layers_per_block, resolve_num_blocks
@@ -169,7 +175,7 @@ def train(
     check_at_least(
         devices=devices, num_nodes=num_nodes, num_epochs=num_epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
         save_every_n_epochs=save_every_n_epochs, accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
-        log_every_n_steps=log_every_n_steps,
+        log_every_n_steps=log_every_n_steps, eval_every_n_epochs=eval_every_n_epochs,
     )
     if offload_weights and (devices > 1 or num_nodes > 1):
         raise UserError("--offload_weights works on one device only (DDP needs every weight on its device): drop it or use --devices 1")
@@ -186,7 +192,7 @@ def train(
     )
     dm = ImageDataModule(
         data, data_dir=data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-        add_rand_aug=add_rand_aug, image_size=arch.image_size, seed=seed,
+        add_rand_aug=add_rand_aug, image_size=arch.image_size, seed=seed, augment=augment,
     )
     pl.seed_everything(seed, workers=True, verbose=False)
     module = LitClassifier(
@@ -196,8 +202,10 @@ def train(
         layers_per_block=list(layout) if layout else None, partition=partition, train_blocks=blocks_to_train,
         batch_mean_loss_weight=batch_mean_loss_weight, raw_embedding_bridge=raw_embedding_bridge,
         class_dropout_prob=class_dropout_prob, num_inference_steps=num_inference_steps, cfg_scale=cfg_scale,
-        offload_optimizer=offload_optimizer, offload_weights=offload_weights, compile_model=compile,
+        offload_optimizer=offload_optimizer, offload_weights=offload_weights, compile_model=compile, augment=augment,
     )
+    # An independent job holding some blocks cannot run the sampler, so it never scores.
+    module.eval_schedule = evaluation_schedule(dm.has_validation_split, save_every_n_epochs, eval_every_n_epochs) if module.covers_all_blocks else {}
     run_dir = resolve_run_dir(run_name, model_type, postfix, ckpt_path)
     ckpt_path = ckpt_path or find_resume_checkpoint(run_dir)  # a requeued job finds its own folder
     if ckpt_path:
@@ -218,6 +226,7 @@ def train(
         max_epochs=num_epochs * scale, max_steps=max_steps * scale if max_steps > 0 else -1,
         accumulate_grad_batches=accumulate_grad_batches, save_every_n_epochs=save_every_n_epochs, save_top_k=save_top_k,
         find_unused_parameters=model_type == "dblock", progress_every_s=progress_every_s, log_every_n_steps=log_every_n_steps,
+        validate_every=math.gcd(*module.eval_schedule.values()) or None, best_by="val/acc" if "val" in module.eval_schedule else None,
     )
     if trainer.is_global_zero:
         save_resolved_config(run_dir, config)
@@ -227,9 +236,15 @@ def train(
     if not module.covers_all_blocks:
         print(f"trained blocks {blocks_to_train} of {num_blocks}: combine every block's job with `main.py assemble`, then test the result")
         return {}
-    trainer.test(module, datamodule=dm, verbose=True)
+    # As released: the best checkpoint by val/acc where the dataset has a validation split, else the final weights.
+    callback = trainer.checkpoint_callback
+    scored = ("val" in module.eval_schedule and callback.best_model_path) or callback.last_model_path
+    # Scored from the file exactly as `main.py test --ckpt_path <it> --seed <seed>` would (dblock's sampler noise included).
+    tested = module_from_checkpoint(read_checkpoint(scored), scored, None, {})
+    pl.seed_everything(seed, verbose=False)
+    trainer.test(tested, datamodule=dm, verbose=True)
     if trainer.is_global_zero:
-        return write_metrics(run_dir / "metrics.json", module, str(run_dir / "last.ckpt"))
+        return write_metrics(run_dir / "metrics.json", tested, scored)
     return {}
 
 

@@ -95,6 +95,7 @@ class LitClassifier(pl.LightningModule):
     """Image classifier trained end to end (`vit`) or one diffusion block per step (`dblock`).
 
     Hyper-parameters are plain Python values so checkpoints open with torch.load(weights_only=True).
+    `augment` is not used here: it records the training augmentation (`--augment`) for whoever reads the checkpoint.
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class LitClassifier(pl.LightningModule):
         offload_optimizer: bool = True,
         offload_weights: bool = False,
         compile_model: bool = False,
+        augment: str = "released",
     ):
         super().__init__()
         if model_type not in MODEL_TYPES:
@@ -157,6 +159,11 @@ class LitClassifier(pl.LightningModule):
         self.save_predictions = False  # test: keep every prediction for predictions.csv
         self.predictions: list[torch.Tensor] = []
         self.test_results: dict[str, float] = {}
+        # Metric prefix -> every how many epochs it is due, set by the train command: "val" (datasets with a
+        # validation split, the checkpoint selection) and "eval" (--eval_every_n_epochs); both score the test split.
+        self.eval_schedule: dict[str, int] = {}
+        self._due_prefixes: list[str] = []
+        self._training_rng: dict | None = None
 
     def setup(self, stage: str) -> None:
         # Compiled in place, so state_dict keys (and checkpoints) are the same with and without it.
@@ -257,20 +264,22 @@ class LitClassifier(pl.LightningModule):
         if self.offloader is not None:
             self.offloader.restore_weights(self.device)
 
-    # ---- testing --------------------------------------------------------------------------
+    # ---- scoring (validation while training, test after it) -------------------------------------
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of images (the diffusion sampler for dblock)."""
         if not self.is_dblock:
             return self.model(images)
         return dblock.sample_logits(self.model, images, self.inference_steps, self.hparams.cfg_scale)
 
-    def on_test_epoch_start(self) -> None:
+    def start_scoring(self) -> None:
+        """Put every block on the device (inference needs all of them) and reset the counts."""
         if self.offloader is not None:
             self.offloader.restore_weights(self.device)
         self._correct, self._total = 0, 0
         self.predictions = []
 
-    def test_step(self, batch, batch_idx):
+    def score_batch(self, batch) -> None:
+        """Count the correct top-1 predictions of one batch."""
         images, labels = batch
         preds = self.predict_logits(images).argmax(dim=-1)
         self._correct += int((preds == labels).sum())
@@ -278,10 +287,39 @@ class LitClassifier(pl.LightningModule):
         if self.save_predictions:
             self.predictions.append(torch.stack([labels, preds], dim=1).cpu())
 
-    def on_test_epoch_end(self) -> None:
+    def scored_accuracy(self) -> tuple[float, int]:
+        """(accuracy, number of images) counted since start_scoring, summed over every DDP rank."""
         counts = torch.tensor([self._correct, self._total], dtype=torch.float64, device=self.device)
         correct, total = (int(v) for v in self.trainer.strategy.reduce(counts, reduce_op="sum"))
-        acc = correct / max(total, 1)
+        return correct / max(total, 1), total
+
+    def on_validation_epoch_start(self) -> None:
+        self._due_prefixes = [p for p, every in self.eval_schedule.items() if (self.current_epoch + 1) % every == 0]
+        # Scoring must not move training's generators (dblock's sampler draws noise): with or without
+        # evaluation, training sees the same randomness. Seeding makes every evaluation use the same noise.
+        self._training_rng = capture_rng_states()
+        torch.manual_seed(self.hparams.seed)
+        self.start_scoring()
+
+    def validation_step(self, batch, batch_idx):
+        # Lightning validates every gcd of the intervals; an epoch where no metric is due skips the forward.
+        if self._due_prefixes:
+            self.score_batch(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        acc, _ = self.scored_accuracy()
+        for prefix in self._due_prefixes:
+            self.log_dict({f"{prefix}/acc": acc, f"{prefix}/f1": acc}, sync_dist=False)
+        restore_rng_states(self._training_rng)
+
+    def on_test_epoch_start(self) -> None:
+        self.start_scoring()
+
+    def test_step(self, batch, batch_idx):
+        self.score_batch(batch)
+
+    def on_test_epoch_end(self) -> None:
+        acc, total = self.scored_accuracy()
         # Micro-averaged F1 of single-label multiclass predictions equals accuracy (as released).
         self.test_results = {"test/acc": acc, "test/f1": acc, "num_test_images": total}
         self.log_dict({"test/acc": acc, "test/f1": acc}, sync_dist=False)

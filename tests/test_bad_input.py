@@ -3,9 +3,9 @@
 Tried here: unknown DATA, unknown model type, malformed JSON, unknown scheduler, scheduler without its
 required kwargs, missing / corrupt / truncated / foreign / mismatched checkpoints (test and resume),
 checkpoint of another class count, depth not divisible by blocks, negative gamma, zero batch size,
-zero eval batch size, heads not dividing the hidden size, patch not dividing the image, missing data
-offline, unreadable data folder, imagefolder without its folders, a bad run name, batch larger than
-the training set.
+zero eval batch size, zero eval interval, unknown augmentation, heads not dividing the hidden size,
+patch not dividing the image, missing data offline, unreadable data folder, imagefolder without its
+folders, a bad run name, batch larger than the training set.
 """
 
 import subprocess
@@ -35,6 +35,8 @@ TRAIN_CASES = {
     "negative gamma": (["--model_type", "dblock", "--gamma", "-0.1"], ["--gamma"]),
     "zero batch size": (["--batch_size", "0"], ["--batch_size", ">= 1"]),
     "zero eval batch size": (["--eval_batch_size", "0"], ["--eval_batch_size"]),
+    "zero eval interval": (["--eval_every_n_epochs", "0"], ["--eval_every_n_epochs", ">= 1"]),
+    "unknown augmentation": (["--augment", "mixup"], ["augment", "mixup"]),
     "heads do not divide hidden": (["--num_attention_heads", "5"], ["--num_attention_heads 5", "--hidden_size 24"]),
     "patch does not divide image": (["--patch_size", "5"], ["--patch_size 5"]),
     "bad run name": (["--run_name", "a/b"], ["--run_name"]),

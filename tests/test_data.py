@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import transforms
 
 import data
 # test_transform is reached through `data.` so pytest does not collect it as a test.
-from data import CIFAR100_MEAN, CIFAR100_STD, DatasetInfo, ImageDataModule, dataset_info, train_transform
+from data import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, ImageDataModule, dataset_info, train_transform
 from errors import UserError
 from tests.synthetic import write_cifar, write_imagefolder, write_tiny_imagenet
 
@@ -92,29 +93,132 @@ def test_test_stage_loads_only_the_test_split(tmp_path):
     assert dm.train_set is None and len(dm.test_set) == 3
 
 
-def test_train_transform_is_exactly_the_recipe():
-    steps = train_transform(32, add_rand_aug=False).transforms
-    assert [type(t) for t in steps] == [
-        transforms.Resize, transforms.RandomCrop, transforms.RandomHorizontalFlip, transforms.ToTensor, transforms.Normalize
-    ]
+CIFAR_LIKE = ["cifar10", "cifar100", "imagefolder"]
+T = transforms
+
+
+@pytest.mark.parametrize("name", CIFAR_LIKE)
+def test_cifar_train_transform_is_exactly_the_released_recipe(name):
+    steps = train_transform(name, 32, add_rand_aug=False).transforms
+    assert [type(t) for t in steps] == [T.Resize, T.RandomCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
     resize, crop, flip, _, norm = steps
     assert resize.size == 32 and crop.size == (32, 32) and crop.padding == 4 and flip.p == 0.5
     assert tuple(norm.mean) == CIFAR100_MEAN and tuple(norm.std) == CIFAR100_STD
 
 
-def test_rand_augment_only_with_flag():
-    steps = train_transform(64, add_rand_aug=True).transforms
-    assert [type(t) for t in steps][3] is transforms.RandAugment
-    assert (steps[3].num_ops, steps[3].magnitude) == (2, 9)
-    assert steps[0].size == 64 and steps[1].size == (64, 64)
-    assert not any(isinstance(t, transforms.RandAugment) for t in train_transform(64, add_rand_aug=False).transforms)
+def test_tiny_imagenet_train_transform_is_exactly_the_released_recipe():
+    steps = train_transform("tiny-imagenet", 64, add_rand_aug=False).transforms
+    assert [type(t) for t in steps] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    crop, flip, _, norm = steps
+    assert crop.size == (64, 64) and crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert crop.interpolation == T.InterpolationMode.BILINEAR and flip.p == 0.5
+    assert tuple(norm.mean) == (0.485, 0.456, 0.406) and tuple(norm.std) == (0.229, 0.224, 0.225)
 
 
-def test_test_transform_is_exactly_the_recipe():
-    steps = data.test_transform(48).transforms
-    assert [type(t) for t in steps] == [transforms.Resize, transforms.CenterCrop, transforms.ToTensor, transforms.Normalize]
+@pytest.mark.parametrize("name", [*CIFAR_LIKE, "tiny-imagenet"])
+def test_rand_augment_follows_the_flip_only_with_the_flag(name):
+    steps = train_transform(name, 64, add_rand_aug=True).transforms
+    kinds = [type(t) for t in steps]
+    assert kinds[kinds.index(T.RandomHorizontalFlip) + 1] is T.RandAugment
+    augment = steps[kinds.index(T.RandAugment)]
+    assert (augment.num_ops, augment.magnitude) == (2, 9)
+    assert all(getattr(t, "size", (64, 64)) in (64, (64, 64)) for t in steps)
+    assert not any(isinstance(t, T.RandAugment) for t in train_transform(name, 64, add_rand_aug=False).transforms)
+
+
+# Geometry and flip of each --augment mode: (CIFAR-like datasets, Tiny-ImageNet).
+AUGMENT_STEPS = {
+    "released": ([T.Resize, T.RandomCrop, T.RandomHorizontalFlip], [T.RandomResizedCrop, T.RandomHorizontalFlip]),
+    "none": ([T.Resize, T.CenterCrop], [T.Resize, T.CenterCrop]),
+    "crop": ([T.Resize, T.RandomCrop], [T.RandomResizedCrop]),
+    "flip": ([T.Resize, T.CenterCrop, T.RandomHorizontalFlip], [T.Resize, T.CenterCrop, T.RandomHorizontalFlip]),
+}
+
+
+@pytest.mark.parametrize("augment", sorted(AUGMENT_STEPS))
+@pytest.mark.parametrize("name", ["cifar100", "tiny-imagenet"])
+@pytest.mark.parametrize("rand_aug", [False, True])
+def test_augment_modes_compose_the_named_parts(augment, name, rand_aug):
+    expected = AUGMENT_STEPS[augment][name == "tiny-imagenet"] + [T.RandAugment] * rand_aug + [T.ToTensor, T.Normalize]
+    assert [type(t) for t in train_transform(name, 48, rand_aug, augment).transforms] == expected
+
+
+def test_unknown_augment_is_a_user_error():
+    with pytest.raises(UserError, match="released, none, crop, flip"):
+        train_transform("cifar100", 32, add_rand_aug=False, augment="mixup")
+
+
+@pytest.mark.parametrize("name", [*CIFAR_LIKE, "tiny-imagenet"])
+def test_test_transform_is_exactly_the_recipe(name):
+    steps = data.test_transform(name, 48).transforms
+    assert [type(t) for t in steps] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
     assert steps[0].size == 48 and steps[1].size == (48, 48)
-    assert tuple(steps[3].mean) == CIFAR100_MEAN and tuple(steps[3].std) == CIFAR100_STD
+    imagenet = name == "tiny-imagenet"
+    assert tuple(steps[3].mean) == (IMAGENET_MEAN if imagenet else CIFAR100_MEAN)
+    assert tuple(steps[3].std) == (IMAGENET_STD if imagenet else CIFAR100_STD)
+
+
+# A flat image of RGB (255, 128, 0), normalised by hand: (value / 255 - mean) / std per channel.
+FLAT_RGB = (255, 128, 0)
+FLAT_NORMALISED = {
+    "imagenet": (0.515 / 0.229, (128 / 255 - 0.456) / 0.224, -0.406 / 0.225),  # 2.24891, 0.20518, -1.80444
+    "cifar100": (0.4929 / 0.2675, (128 / 255 - 0.4867) / 0.2565, -0.4408 / 0.2761),  # 1.84262, 0.05950, -1.59652
+}
+
+
+def flat_image(size: int) -> Image.Image:
+    return Image.new("RGB", (size, size), FLAT_RGB)
+
+
+@pytest.mark.parametrize("name", [*CIFAR_LIKE, "tiny-imagenet"])
+def test_normalised_values_of_a_known_image(name):
+    expected = torch.tensor(FLAT_NORMALISED["imagenet" if name == "tiny-imagenet" else "cifar100"])[:, None, None]
+    candidates = [data.test_transform(name, 24), train_transform(name, 24, add_rand_aug=False, augment="none")]
+    if name == "tiny-imagenet":  # its random crop takes no padding, so a flat image stays flat
+        candidates.append(train_transform(name, 24, add_rand_aug=False))
+    for transform in candidates:
+        x = transform(flat_image(40))
+        assert x.shape == (3, 24, 24)
+        assert torch.allclose(x, expected.expand(3, 24, 24), atol=1e-4), (transform, x[:, 0, 0])
+
+
+def left_to_right_gradient(size: int) -> Image.Image:
+    """Grey levels rising from the left edge to the right one: any crop keeps the left side darker, a mirror does not."""
+    row = np.linspace(0, 255, size).astype(np.uint8)
+    return Image.fromarray(np.repeat(np.tile(row, (size, 1))[:, :, None], 3, axis=2))
+
+
+def mirrored(x: torch.Tensor) -> bool:
+    """Whether a transformed gradient image has its bright side on the left."""
+    third = x.shape[-1] // 3
+    return bool(x[..., :third].mean() > x[..., -third:].mean())
+
+
+@pytest.mark.parametrize("name", ["cifar100", "tiny-imagenet"])
+@pytest.mark.parametrize("augment, mirrors", [("released", True), ("flip", True), ("crop", False), ("none", False)])
+def test_only_modes_with_the_flip_mirror(name, augment, mirrors):
+    image = left_to_right_gradient(64)
+    transform = train_transform(name, 32, add_rand_aug=False, augment=augment)
+    flags = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        flags.append(mirrored(transform(image)))
+    assert not mirrored(data.test_transform(name, 32)(image))
+    if mirrors:
+        assert 5 <= sum(flags) <= 35, sum(flags)  # p = 0.5 each
+    else:
+        assert not any(flags)
+
+
+def test_validation_split_of_tiny_imagenet_is_its_test_split(tmp_path):
+    write_tiny_imagenet(tmp_path)
+    write_cifar(tmp_path, n_train=4, n_test=2)
+    tiny = ready(ImageDataModule("tiny-imagenet", str(tmp_path), batch_size=2, num_workers=0, augment="none"))
+    cifar = ready(ImageDataModule("cifar100", str(tmp_path), batch_size=2, num_workers=0))
+    assert tiny.has_validation_split and not cifar.has_validation_split
+    val, test = list(tiny.val_dataloader()), list(tiny.test_dataloader())
+    assert len(val) == len(test) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(val, test))
+    assert [type(t) for t in tiny.train_set.transform.transforms][:2] == [T.Resize, T.CenterCrop]  # --augment none
 
 
 @pytest.mark.parametrize("name", ["cifar100", "tiny-imagenet", "imagefolder"])
