@@ -215,6 +215,28 @@ def test_dry_run_folder_tests_like_its_run(workdir, trained, capsys):
     assert LitClassifier.from_pretrained("pushed").hparams.num_labels == 100
 
 
+def test_push_takes_the_checkpoint_that_metrics_scored(workdir, trained, capsys):
+    shutil.copy("logs/vit/last.ckpt", "logs/vit/best.ckpt")
+    assert run_test("logs/vit/best.ckpt", trained / "data", capsys)[0] == 0  # metrics.json now scores best.ckpt
+    assert run_cli(["push", "logs/vit", "--repo_id", "me/vit", "--dry_run", "out", "--include_checkpoint"], capsys)[0] == 0
+    assert (Path("out/best.ckpt").exists(), Path("out/last.ckpt").exists()) == (True, False)
+
+
+def test_weights_that_do_not_fit_config_json_are_refused(workdir, trained, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from module import LitClassifier
+
+    assert run_cli(["push", "logs/vit", "--repo_id", "me/vit", "--dry_run", "out"], capsys)[0] == 0
+    weights = load_file("out/model.safetensors")
+    weights.pop(sorted(weights)[0])
+    save_file(weights, "out/model.safetensors")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        LitClassifier.from_pretrained("out")  # strict, unlike the mixin's default
+    code, _, err = run_test("out", trained / "data", capsys)
+    assert_one_line_error(code, err, "does not match the architecture")
+
+
 # ---- offline and the cache -----------------------------------------------------------------------
 def test_offline_mode_scores_from_the_cache(workdir, trained, hub_env, monkeypatch, capsys):
     assert run_cli(["push", "logs/vit", "--repo_id", "me/vit"], capsys)[0] == 0
@@ -262,8 +284,8 @@ def test_push_without_a_token_is_one_line(workdir, hub_env, monkeypatch, capsys)
     monkeypatch.delenv("HF_TOKEN")
     code, _, err = run_cli(["push", "logs/vit", "--repo_id", "me/vit"], capsys)
     assert code == 2
-    assert_one_line_error(code, err, "hf auth login", "HF_TOKEN")
-    assert hub_env.repos == {}
+    assert_one_line_error(code, err, "pushing needs a Hugging Face token", "hf auth login", "HF_TOKEN")
+    assert hub_env.requests == []
 
 
 def test_push_with_a_refused_token_is_one_line(workdir, hub_env, monkeypatch, capsys):
