@@ -35,7 +35,8 @@ def trained(tmp_path_factory) -> Path:
         mp.chdir(root)
         data = write_cifar(root / "data", "cifar100", n_train=32, n_test=12)
         for model_type in MODEL_TYPES:
-            assert main.main([str(a) for a in train_args(data, model_type, model_type=model_type)]) == 0
+            extra = ["--batch_mean_loss_weight", "false"] if model_type == "dblock" else []  # a non-default switch for the card
+            assert main.main([str(a) for a in train_args(data, model_type, *extra, model_type=model_type)]) == 0
     return root
 
 
@@ -170,6 +171,8 @@ def test_dry_run_writes_a_complete_model_folder(workdir, trained, fake_hub, monk
     use_hub_environment(monkeypatch, HF_ENDPOINT=fake_hub.url, HF_HOME=str(workdir / "hf-home"), HF_TOKEN=None, HF_HUB_OFFLINE=None)
     run = Path("logs/dblock")
     (run / "blocks.json").write_text('{"blocks": "per-block record"}')
+    metrics = {**read_metrics(run / "metrics.json"), "test/acc": 5 / 12}  # the tiny run scores 0; the card must carry any value
+    (run / "metrics.json").write_text(json.dumps(metrics))
     code, out, err = run_cli(["push", run, "--repo_id", "me/db", "--dry_run", "out", "--include_checkpoint"], capsys)
     assert code == 0, err  # no token needed: nothing is uploaded
     assert fake_hub.requests == []
@@ -184,13 +187,12 @@ def test_dry_run_writes_a_complete_model_folder(workdir, trained, fake_hub, monk
     assert config["dataset"] == {"name": "cifar100", "mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}
 
     # The card: Hub metadata with the measured accuracy, then the facts a reader needs.
-    metrics = read_metrics(run / "metrics.json")
     card = ModelCard.load(out_dir / "README.md")
     assert card.data.license == "apache-2.0" and card.data.library_name == "pytorch"
     assert card.data.datasets == ["uoft-cs/cifar100"] and "diffusionblocks" in card.data.tags
     (result,) = card.data.eval_results
     assert (result.metric_type, result.metric_value, result.dataset_type) == ("accuracy", metrics["test/acc"], "uoft-cs/cifar100")
-    assert f"| this model | {100 * metrics['test/acc']:.2f} |" in card.text
+    assert "| this model | 41.67 |" in card.text
     assert "| paper: ViT + DiffusionBlocks, B = 3 | 59.30 |" in card.text
     assert "uv run main.py test cifar100 --ckpt_path hf://me/db" in card.text
     assert "Shing and Koyama and Akiba" in card.text and "2506.14202" in card.text and "ICLR" in card.text
@@ -199,6 +201,7 @@ def test_dry_run_writes_a_complete_model_folder(workdir, trained, fake_hub, monk
     (command,) = [line for line in card.text.splitlines() if line.startswith("uv run main.py train ")]
     code, printed, err = run_cli([*shlex.split(command)[3:], "--print_config"], capsys)
     assert code == 0, err
+    assert "--batch_mean_loss_weight false" in command
     assert yaml.safe_load(printed) == yaml.safe_load((run / "config.yaml").read_text())
 
 
