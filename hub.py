@@ -245,18 +245,20 @@ def train_command(config: dict, defaults: dict) -> str:
 def architecture_rows(hparams: dict, module: LitClassifier) -> list[tuple[str, str]]:
     """The card's table of what the network is."""
     arch = hparams["arch"]
+    layers = arch["num_hidden_layers"]
     rows = [
         ("model type", f"`{hparams['model_type']}`"),
-        ("layers / hidden size / heads / MLP width", f"{arch['num_hidden_layers']} / {arch['hidden_size']} / {arch['num_attention_heads']} / {arch['intermediate_size']}"),
+        ("layers / hidden size / heads / MLP width", f"{layers} / {arch['hidden_size']} / {arch['num_attention_heads']} / {arch['intermediate_size']}"),
         ("image size / patch size", f"{arch['image_size']} / {arch['patch_size']}"),
         ("classes", str(hparams["num_labels"])),
         ("parameters", f"{sum(p.numel() for p in module.model.parameters()):,}"),
     ]
     if hparams["model_type"] == "dblock":
+        quirks = f"{hparams['batch_mean_loss_weight']} / {hparams['raw_embedding_bridge']}"
         rows += [
-            ("blocks B (layers per block)", f"{hparams['num_blocks']} ({arch['num_hidden_layers'] // hparams['num_blocks']})"),
+            ("blocks B (layers per block)", f"{hparams['num_blocks']} ({layers // hparams['num_blocks']})"),
             ("sampler steps at test time / guidance scale", f"{module.inference_steps} / {hparams['cfg_scale']}"),
-            ("released quirks: batch-mean loss weight / raw embedding bridge", f"{hparams['batch_mean_loss_weight']} / {hparams['raw_embedding_bridge']}"),
+            ("released quirks: batch-mean loss weight / raw embedding bridge", quirks),
         ]
     return rows
 
@@ -415,7 +417,10 @@ def read_model_folder(folder: Path, label: str) -> dict:
     """A model folder written by push as the checkpoint dict test uses: {"state_dict", "hyper_parameters"}."""
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
-            raise UserError(f"{label} has no {name}: pass a folder written by `main.py push --dry_run`, hf://OWNER/NAME, or a .ckpt file")
+            raise UserError(
+                f"{label} has no {name}: pass a .ckpt file (a run folder's last.ckpt), a folder written by `main.py push --dry_run`, "
+                "or hf://OWNER/NAME"
+            )
     config = read_json(folder / CONFIG_FILE)
     if config.get("model_type") not in MODEL_TYPES:
         raise UserError(f"{label}/{CONFIG_FILE} was not written by `main.py push` (no model_type vit or dblock)")
@@ -452,8 +457,13 @@ def download_model(uri: str) -> Path:
         ) from None
     except (RevisionResolutionError, LocalEntryNotFoundError, OfflineModeIsEnabled):
         if constants.HF_HUB_OFFLINE:
-            raise UserError(f"{uri} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE") from None
-        raise UserError(f"cannot reach the Hub at {constants.ENDPOINT} and {uri} is not in the Hugging Face cache: check the network or HF_ENDPOINT") from None
+            raise UserError(
+                f"{uri} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids downloading it: "
+                "unset HF_HUB_OFFLINE"
+            ) from None
+        raise UserError(
+            f"cannot reach the Hub at {constants.ENDPOINT} and {uri} is not in the Hugging Face cache: check the network or HF_ENDPOINT"
+        ) from None
     except EntryNotFoundError:
         raise UserError(f"{uri} has no {CONFIG_FILE} or {WEIGHTS_FILE}: it was not written by `main.py push`") from None
     except HfHubHTTPError as err:
