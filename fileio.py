@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,3 +33,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     """Write indented JSON atomically."""
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def write_folder_atomic(path: str | os.PathLike, build: Callable[[Path], Any]) -> None:
+    """Call build(folder) on a temporary folder beside `path`, then rename it to `path` (which must not exist).
+
+    Readers never see a half-built folder, and a failed build leaves nothing behind.
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier attempt
+    try:
+        tmp.mkdir(parents=True)
+        build(tmp)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,4 +1,5 @@
-"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,bench} DATA [flags]`, `main.py report RUN_DIR...`.
+"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,bench} DATA [flags]`, `main.py report RUN_DIR...`,
+`main.py assemble CKPT... --output FILE`, `main.py push RUN --repo_id OWNER/NAME`.
 
 Flag names and defaults follow the released program; see README.md for every flag.
 """
@@ -290,11 +291,11 @@ def test(
     raw_embedding_bridge: bool | None = None,
     save_predictions: bool = False,
 ) -> dict:
-    """Score a checkpoint on DATA's test split; writes metrics.json next to the checkpoint.
+    """Score a checkpoint on DATA's test split; writes metrics.json next to the checkpoint (Hub models: logs/hf-OWNER--NAME/).
 
     Args:
         data: Dataset: cifar10, cifar100, tiny-imagenet or imagefolder.
-        ckpt_path: Checkpoint written by train (architecture and model type are read from it).
+        ckpt_path: Checkpoint written by train, a folder written by push, or hf://OWNER/NAME[@REVISION] (architecture and model type are read from it).
         model_type: Optional check: must match the checkpoint's model type.
         data_dir: Folder holding (or receiving) the dataset files.
         batch_size: Batch size (used when --eval_batch_size is not given).
@@ -311,10 +312,11 @@ def test(
     import pytorch_lightning as pl
 
     from data import ImageDataModule
-    from experiment import make_trainer, module_from_checkpoint, read_checkpoint, write_metrics, write_predictions
+    from experiment import make_trainer, module_from_checkpoint, write_metrics, write_predictions
+    from hub import resolve_checkpoint
 
     check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt, run_dir = resolve_checkpoint(ckpt_path)  # a .ckpt file, a folder written by push, or hf://OWNER/NAME[@REVISION]
     overrides = {"num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge}
     module = module_from_checkpoint(ckpt, ckpt_path, model_type, overrides)
     arch = module.hparams.arch
@@ -328,19 +330,46 @@ def test(
             "test on the dataset the checkpoint was trained on"
         )
     pl.seed_everything(seed, verbose=False)
-    run_dir = Path(ckpt_path).resolve().parent
     trainer = make_trainer(
         run_dir=run_dir, logger=False, accelerator=accelerator, devices=1, num_nodes=1, precision=precision, max_epochs=1,
         max_steps=-1, accumulate_grad_batches=1, save_every_n_epochs=1, save_top_k=0, find_unused_parameters=False,
     )
     module.save_predictions = save_predictions
     trainer.test(module, datamodule=dm, verbose=True)
+    run_dir.mkdir(parents=True, exist_ok=True)  # logs/hf-OWNER--NAME/ for a Hub model, created only once it is scored
     if save_predictions:
         write_predictions(run_dir / "predictions.csv", module)
     return write_metrics(run_dir / "metrics.json", module, str(ckpt_path))
 
 
-COMMANDS = {"train": train, "test": test, "bench": bench, "report": report, "assemble": assemble}
+def push(
+    run: str,
+    *,
+    repo_id: str,
+    private: bool = False,
+    dry_run: str | None = None,
+    include_checkpoint: bool = False,
+) -> str:
+    """Share a trained model on the Hugging Face Hub: model.safetensors, config.json, config.yaml, metrics.json, model card.
+
+    Args:
+        run: Run folder written by train (its last.ckpt, or the checkpoint its metrics.json scored), or a .ckpt file in one.
+        repo_id: Hub repository OWNER/NAME, created if missing; needs a token (`hf auth login` or HF_TOKEN).
+        private: Create the repository as private (an existing one keeps its visibility).
+        dry_run: Write the model folder here and upload nothing.
+        include_checkpoint: Also upload the Lightning .ckpt (optimizer state included, for resuming).
+    """
+    import inspect
+
+    from hub import push as push_model
+
+    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items() if p.default is not p.empty}
+    return push_model(
+        run, repo_id=repo_id, private=private, dry_run=dry_run, include_checkpoint=include_checkpoint, train_defaults=defaults
+    )
+
+
+COMMANDS = {"train": train, "test": test, "bench": bench, "report": report, "assemble": assemble, "push": push}
 # Subcommands whose positional argument is a list, and their flags that take the next token as value.
 LIST_POSITIONALS = {"report": ("--output", "--plot", "--config"), "assemble": ("--output", "--config")}
 

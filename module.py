@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import pytorch_lightning as pl
+from huggingface_hub import PyTorchModelHubMixin
 from transformers import get_scheduler
 
 import dblock
@@ -91,10 +92,20 @@ def build_dblock(arch: ArchConfig, num_labels: int, dcfg, seed: int, train_block
     return dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dcfg)
 
 
-class LitClassifier(pl.LightningModule):
+class LitClassifier(
+    pl.LightningModule,
+    PyTorchModelHubMixin,
+    library_name="pytorch",
+    license="apache-2.0",
+    paper_url="https://arxiv.org/abs/2506.14202",
+    tags=["diffusionblocks", "image-classification"],
+):
     """Image classifier trained end to end (`vit`) or one diffusion block per step (`dblock`).
 
     Hyper-parameters are plain Python values so checkpoints open with torch.load(weights_only=True).
+    The Hugging Face mixin gives `save_pretrained` (model.safetensors + config.json of the hyper-parameters)
+    and `LitClassifier.from_pretrained("OWNER/NAME" or a folder)`, which rebuilds the model from config.json
+    alone and returns it in eval mode (see hub.py and `main.py push`).
     `augment` is not used here: it records the training augmentation (`--augment`) for whoever reads the checkpoint.
     """
 
@@ -164,6 +175,11 @@ class LitClassifier(pl.LightningModule):
         self.eval_schedule: dict[str, int] = {}
         self._due_prefixes: list[str] = []
         self._training_rng: dict | None = None
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs):
+        # The mixin loads weights non-strictly by default; config.json rebuilds the exact network, so every weight must load.
+        return super()._from_pretrained(strict=strict, **kwargs)
 
     def setup(self, stage: str) -> None:
         # Compiled in place, so state_dict keys (and checkpoints) are the same with and without it.
