@@ -44,9 +44,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torchvision import transforms
 
-from data import test_transform
+from data import normalization
 from errors import UserError
 from experiment import LOGS_DIR, module_from_checkpoint, read_checkpoint
 from fileio import write_folder_atomic
@@ -220,9 +219,9 @@ def require_token() -> str:
 
 
 # ---- push: the model folder --------------------------------------------------------------------
-def dataset_entry(data: str, image_size: int) -> dict:
+def dataset_entry(data: str) -> dict:
     """config.json's "dataset": the dataset and the normalisation the test transform applies (from_pretrained users need it)."""
-    normalize = next(t for t in test_transform(image_size).transforms if isinstance(t, transforms.Normalize))
+    normalize = normalization(data)
     return {"name": data, "mean": list(normalize.mean), "std": list(normalize.std)}
 
 
@@ -345,7 +344,7 @@ def build_model_folder(folder: Path, run: Run, *, repo_id: str, include_checkpoi
     ckpt = read_checkpoint(path)
     module = module_from_checkpoint(ckpt, path, None, {})
     hparams = dict(ckpt["hyper_parameters"])  # every hyper-parameter, so fields added later travel too
-    config = {**hparams, DATASET_KEY: dataset_entry(str(run.config["data"]), hparams["arch"]["image_size"])}
+    config = {**hparams, DATASET_KEY: dataset_entry(str(run.config["data"]))}
     copies = [run.folder / "config.yaml", run.folder / "metrics.json", run.folder / "blocks.json"]
     copies = [p for p in copies if p.is_file()] + ([run.ckpt] if include_checkpoint else [])
     files = [WEIGHTS_FILE, CONFIG_FILE, *(p.name for p in copies)]
