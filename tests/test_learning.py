@@ -82,8 +82,10 @@ def test_colour_alone_does_not_tell_the_class(band_cifar10):
 
 def per_block_losses(metrics_csv: Path, block: int, key: str = "loss") -> list[float]:
     """train/<key>_<block> at the steps that trained `block` (other rows repeat the block's last value)."""
-    rows = list(csv.DictReader(metrics_csv.open()))
-    return [float(r[f"train/{key}_{block}"]) for r in rows if r["train/block"] and int(float(r["train/block"])) == block]
+    rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get("train/block") and int(float(r["train/block"])) == block]
+    values = [r.get(f"train/{key}_{block}") for r in rows]
+    assert all(values), f"train/{key}_{block} is missing at steps that trained block {block}"
+    return [float(v) for v in values]
 
 
 @pytest.mark.parametrize("model_type", sorted(TARGETS))
