@@ -225,8 +225,18 @@ class LitClassifier(
         loss, ce, self.last_sigma = dblock.training_loss(self.model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout)
         self.check_finite(loss)
         self.log_dict({"train/loss": loss, "train/ce_loss": ce}, prog_bar=True)
-        self.log_dict({f"train/loss_{block}": loss, f"train/ce_loss_{block}": ce, "train/block": float(block)})
+        self.log("train/block", float(block))
+        self.log_block_losses(block, loss, ce)
         return loss
+
+    def log_block_losses(self, block: int, loss: torch.Tensor, ce: torch.Tensor) -> None:
+        """Per-block curves `train/loss_<b>`, `train/ce_loss_<b>`, sent straight to the loggers at the steps that trained
+        block b (Lightning's self.log would re-send each key's last value at every later logging step)."""
+        if not self.loggers or self.global_step % self.trainer.log_every_n_steps:
+            return
+        metrics = {f"train/loss_{block}": float(loss), f"train/ce_loss_{block}": float(ce)}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """Stop before a non-finite loss reaches the weights, naming the step, the block and the last good checkpoint."""

@@ -1,8 +1,9 @@
-"""Test-wide environment: never touch the network, never prompt for a W&B login."""
+"""Test-wide environment: never touch the network, never prompt for a W&B login, one compute thread."""
 
 import os
 
 import pytest
+import torch
 
 OFFLINE_ENV = {
     "DIFFUSIONBLOCKS_OFFLINE": "1",
@@ -10,7 +11,15 @@ OFFLINE_ENV = {
     "WANDB_SILENT": "true",
     "HF_HUB_OFFLINE": "1",
     "PYTHONUNBUFFERED": "1",
+    # Tiny models on a shared 2-core machine: one thread per process avoids oversubscription (10-50x slower steps).
+    "OMP_NUM_THREADS": "1",
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_compute_thread():
+    """In-process training runs on one thread too (subprocesses get OMP_NUM_THREADS)."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from pathlib import Path
 
@@ -39,6 +40,31 @@ def cifar_images(labels: np.ndarray, templates: np.ndarray | None, rng: np.rando
     return np.clip(chw, 0, 255).astype(np.uint8).reshape(len(labels), -1)
 
 
+BAND_COLOURS = np.array([[220.0, 60.0, 40.0], [40.0, 90.0, 220.0], [60.0, 200.0, 60.0]])  # red, blue, green
+BAND_ROWS = 10  # each band's height; rows 0 and 31 are a grey border, so every colour covers exactly 10 rows
+BORDER_GREY = 128.0
+
+
+def band_layouts() -> list[tuple[int, ...]]:
+    """The 6 band layouts: colour index of the top, middle and bottom band (the permutations of the 3 colours)."""
+    return list(itertools.permutations(range(len(BAND_COLOURS))))
+
+
+def band_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """CIFAR rows uint8 [N, 3072]: class = top-to-bottom order of three colour bands, plus noise.
+
+    Every class holds the same three colours in the same amounts (10 rows each), so colour alone gives
+    chance accuracy and only the layout tells the classes apart. Horizontal bands survive the training
+    augmentation: a horizontal flip leaves them as they are, a random crop shifts them by at most 4 rows.
+    """
+    grey = len(BAND_COLOURS)
+    palette = np.vstack([BAND_COLOURS, [BORDER_GREY] * 3])  # (4, 3): the band colours, then grey
+    rows = np.full((len(labels), 32), grey)  # palette index of each image row
+    rows[:, 1:31] = np.array(band_layouts())[labels].repeat(BAND_ROWS, axis=1)
+    chw = palette[rows].transpose(0, 2, 1)[:, :, :, None] + rng.normal(0.0, 16.0, (len(labels), 3, 32, 32))
+    return np.clip(chw, 0, 255).astype(np.uint8).reshape(len(labels), -1)
+
+
 def pickle_to(path: Path, obj: dict) -> None:
     """Write `obj` as a pickle (bytes keys, as the real files unpickle with encoding='bytes')."""
     with open(path, "wb") as f:
@@ -57,8 +83,12 @@ def cifar_batch(name: str, labels: np.ndarray, images: np.ndarray, batch_label: 
     return batch
 
 
-def write_cifar(root, name="cifar100", n_train=64, n_test=32, num_classes=None, seed=0, learnable=False) -> Path:
-    """Write <root>/cifar-100-python/{train,test,meta} or <root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}; returns root."""
+def write_cifar(root, name="cifar100", n_train=64, n_test=32, num_classes=None, seed=0, learnable=False, bands=False) -> Path:
+    """Write <root>/cifar-100-python/{train,test,meta} or <root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}; returns root.
+
+    Images are uniform noise; with `learnable` each class is a flat colour plus noise; with `bands` the
+    labels are 0..5 and each class is an order of three colour bands (band_images), all with the same colours.
+    """
     root = Path(root)
     layout = CIFAR_LAYOUT[name]
     num_classes = num_classes or layout["classes"]
@@ -66,14 +96,19 @@ def write_cifar(root, name="cifar100", n_train=64, n_test=32, num_classes=None, 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     templates = distinct_colours(num_classes, rng) if learnable else None
-    train_labels = class_labels(n_train, num_classes, rng)
-    train_images = cifar_images(train_labels, templates, rng)
+    used_classes = len(band_layouts()) if bands else num_classes
+
+    def images(labels):
+        return band_images(labels, rng) if bands else cifar_images(labels, templates, rng)
+
+    train_labels = class_labels(n_train, used_classes, rng)
+    train_images = images(train_labels)
     chunks = np.array_split(np.arange(n_train), len(layout["train"]))
     for i, (file, index) in enumerate(zip(layout["train"], chunks), start=1):
         batch = cifar_batch(name, train_labels[index], train_images[index], f"training batch {i} of {len(chunks)}")
         pickle_to(folder / file, batch)
-    test_labels = class_labels(n_test, num_classes, rng)
-    pickle_to(folder / layout["test"], cifar_batch(name, test_labels, cifar_images(test_labels, templates, rng), "testing batch 1 of 1"))
+    test_labels = class_labels(n_test, used_classes, rng)
+    pickle_to(folder / layout["test"], cifar_batch(name, test_labels, images(test_labels), "testing batch 1 of 1"))
     names = [f"class_{c}".encode() for c in range(num_classes)]
     if name == "cifar10":
         pickle_to(folder / "batches.meta", {b"num_cases_per_batch": 10000, b"label_names": names, b"num_vis": 3072})

@@ -3,7 +3,6 @@
 import contextlib
 import io
 import json
-import typing
 
 import pytest
 import torch
@@ -70,7 +69,6 @@ def test_report_has_every_key_and_positive_numbers(tiny_run):
         assert r["peak_memory_bytes"] > 0 and r["train_step_s"] > 0 and r["infer_step_s"] > 0
         assert set(r["breakdown"]) == {"parameters", "gradients", "optimizer", "activations"}
         assert all(v > 0 for v in r["breakdown"].values())
-        assert r["peak_memory_bytes"] == sum(r["breakdown"].values())  # CPU: the peak is the sum of the parts
 
 
 def test_table_is_printed(tiny_run):
@@ -123,11 +121,6 @@ def test_saved_tensor_counter_counts_a_storage_once_in_full():
     with bench.SavedTensorCounter([]) as counter:
         ((a[:2] * a[:2]).sum() + (a[5:] * a[5:]).sum()).backward()
     assert counter.nbytes == 10 * 4  # four saved views of one 10-float storage
-
-
-def test_command_types_match_main():
-    assert typing.get_args(bench.Data) == typing.get_args(main.Data)
-    assert typing.get_args(bench.Precision) == typing.get_args(main.Precision)
 
 
 @pytest.mark.parametrize(

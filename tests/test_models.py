@@ -171,3 +171,27 @@ def test_compile_flag_compiles_in_place_and_keeps_checkpoint_keys():
     compiled.setup("fit")
     assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
     assert compiled.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_network_reads_the_label_state_and_the_noise_level():
+    """The raw network output F_x depends on the c_in-scaled label state and on sigma (through the noise embedding).
+
+    The denoised estimate also carries z through c_skip, so a network blind to either would still
+    classify; this looks at F_x itself (the final LayerNorm's token 0) with the network's input held fixed.
+    """
+    m = tiny_dblock().eval()
+    g = torch.Generator().manual_seed(1)
+    for p in m.parameters():  # far from the zero init, so the noise level reaches F_x by more than rounding
+        p.data.add_(0.5 * torch.randn(p.shape, generator=g))
+    outputs = []
+    m.final_norm.register_forward_hook(lambda module, args, out: outputs.append(out[:, 0]))
+    x, token, other_token = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 24, generator=g), torch.randn(2, 24, generator=g)
+
+    def network_output(token, sigma):
+        s = torch.full((2,), sigma)
+        m(x, token / edm.c_in(s)[:, None], s, 1)  # z chosen so the network's label token is `token` at every sigma
+        return outputs.pop()
+
+    base = network_output(token, 0.3)
+    assert (network_output(other_token, 0.3) - base).abs().max() > 0.05, "F_x ignores the label state"
+    assert (network_output(token, 3.0) - base).abs().max() > 0.05, "F_x ignores the noise level"
