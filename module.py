@@ -232,7 +232,8 @@ class LitClassifier(
     def log_block_losses(self, block: int, loss: torch.Tensor, ce: torch.Tensor) -> None:
         """Per-block curves `train/loss_<b>`, `train/ce_loss_<b>`, sent straight to the loggers at the steps that trained
         block b (Lightning's self.log would re-send each key's last value at every later logging step)."""
-        if not self.loggers or self.global_step % self.trainer.log_every_n_steps:
+        # Lightning's own cadence: it logs a step's metrics when (step + 1) is a multiple of log_every_n_steps.
+        if not self.loggers or (self.global_step + 1) % self.trainer.log_every_n_steps:
             return
         metrics = {f"train/loss_{block}": float(loss), f"train/ce_loss_{block}": float(ce)}
         for logger in self.loggers:

@@ -72,9 +72,12 @@ def test_colour_alone_does_not_tell_the_class(band_cifar10):
 
 
 def per_block_losses(metrics_csv: Path, block: int, key: str = "loss") -> list[float]:
-    """train/<key>_<block> at the steps that trained `block` (other rows repeat the block's last value)."""
-    rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get("train/block") and int(float(r["train/block"])) == block]
-    values = [r.get(f"train/{key}_{block}") for r in rows]
+    """train/<key>_<block> at the steps that trained `block` (a step's metrics may span several CSV rows)."""
+    steps: dict[int, dict] = {}
+    for row in csv.DictReader(metrics_csv.open()):
+        steps.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if v})
+    trained = [m for _, m in sorted(steps.items()) if "train/block" in m and int(float(m["train/block"])) == block]
+    values = [m.get(f"train/{key}_{block}") for m in trained]
     assert all(values), f"train/{key}_{block} is missing at steps that trained block {block}"
     return [float(v) for v in values]
 
