@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from errors import UserError
-from fileio import write_atomic
+from fileio import write_atomic, write_text_atomic
 
 # Hyper-parameters every job of one model must share: they fix the network, the noise ranges and the label table.
 MUST_AGREE = ("arch", "num_labels", "num_blocks", "layers_per_block", "partition", "gamma", "seed", "batch_mean_loss_weight", "raw_embedding_bridge")
@@ -71,6 +71,19 @@ def assembled_checkpoint(ckpts: list[dict], members: list[list[int]]) -> dict:
     return {"state_dict": state, "hyper_parameters": hparams, "global_step": sum(int(c.get("global_step", 0)) for c in ckpts)}
 
 
+def write_assembled_config(first_job: str, target: Path) -> None:
+    """config.yaml beside the assembled checkpoint: the first job's flags with every block trained, so `report`
+    describes the assembled model like a joint run (skipped when the job's run folder has none)."""
+    import yaml
+
+    source = Path(first_job).parent / "config.yaml"
+    if not source.is_file():
+        return
+    config = yaml.safe_load(source.read_text())
+    config.update(train_blocks=None, run_name=target.parent.name, ckpt_path=None)
+    write_text_atomic(target.parent / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
 def assemble(ckpt_paths: list[str], *, output: str) -> dict:
     """Combine the checkpoints of independent block jobs (train --train_blocks) into one checkpoint that `test` scores.
 
@@ -88,5 +101,6 @@ def assemble(ckpt_paths: list[str], *, output: str) -> dict:
     members = check_coverage(ckpt_paths, ckpts)
     assembled = assembled_checkpoint(ckpts, members)
     write_atomic(target, lambda f: torch.save(assembled, f))
+    write_assembled_config(ckpt_paths[0], target)
     print(f"assembled {len(members)} jobs covering blocks {sorted(b for m in members for b in m)} into {output}")
     return {"output": str(target), "member_blocks": members}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import dblock
 from cli_helpers import FAST, TINY_ARCH, assert_one_line_error, cifar_dir, read_metrics, run_cli, train_args  # noqa: F401 (fixture)
@@ -99,6 +100,9 @@ def test_assembled_model_is_tested_and_holds_each_jobs_weights(array_run):
     assert metrics["num_test_images"] == 12 and metrics["ckpt_path"].endswith("model.ckpt")
     assembled = torch.load(out / "model.ckpt", weights_only=True)
     assert assembled["hyper_parameters"]["member_blocks"] == [[0], [1], [2]]
+    # The jobs' flags, all blocks trained: report describes the assembled model like a joint run.
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["train_blocks"] is None and config["model_type"] == "dblock" and config["max_steps"] == 2
     for block in range(3):
         for key, value in job_ckpt(work, block)["state_dict"].items():
             assert torch.equal(assembled["state_dict"][key.replace("model.", f"model.members.{block}.", 1)], value)
