@@ -33,6 +33,17 @@ def train_args(data_dir: Path, run_name: str, *extra: str, data: str = "cifar100
             "--max_steps", str(steps), *TINY_ARCH, *FAST, *extra]
 
 
+def traced_training(args: list[str], trace_dir: Path, monkeypatch, capsys) -> list[dict]:
+    """Train through the CLI with the block trace on; returns rank 0's per-step records (block, blocks_with_grad, ...)."""
+    from module import BLOCK_TRACE_ENV
+
+    trace_dir.mkdir()
+    monkeypatch.setenv(BLOCK_TRACE_ENV, str(trace_dir))
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    return [json.loads(line) for line in (trace_dir / "rank0.jsonl").read_text().splitlines()]
+
+
 def read_metrics(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

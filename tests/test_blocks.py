@@ -9,8 +9,7 @@ import torch
 
 import dblock
 import edm
-from cli_helpers import assert_one_line_error, cifar_dir, run_cli, train_args  # noqa: F401 (fixture)
-from module import BLOCK_TRACE_ENV
+from cli_helpers import assert_one_line_error, cifar_dir, run_cli, traced_training, train_args  # noqa: F401 (fixture)
 from vit import ArchConfig
 
 ARCH = ArchConfig(hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16)
@@ -131,12 +130,8 @@ def test_bad_layouts_are_one_line_errors(cifar_dir, capsys, flags, fragment):
 
 
 def test_accumulation_trains_one_block_per_optimizer_step(cifar_dir, capsys, monkeypatch, tmp_path):
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    monkeypatch.setenv(BLOCK_TRACE_ENV, str(trace))
-    code, _, err = run_cli(train_args(cifar_dir, "acc", "--accumulate_grad_batches", "2", model_type="dblock", steps=2), capsys)
-    assert code == 0, err
-    records = [json.loads(line) for line in (trace / "rank0.jsonl").read_text().splitlines()]
+    args = train_args(cifar_dir, "acc", "--accumulate_grad_batches", "2", model_type="dblock", steps=2)
+    records = traced_training(args, tmp_path / "trace", monkeypatch, capsys)
     assert [r["step"] for r in records] == list(range(6))
     # Both micro-batches of a step trained the drawn block and no other (released: one block per micro-batch).
     assert all(r["blocks_with_grad"] == [r["block"]] for r in records)

@@ -5,7 +5,6 @@ interpreter, under the simulated Slurm variables of the cluster tests, one proce
 once, sharing nothing but the files they write.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -16,8 +15,7 @@ import torch
 import yaml
 
 import dblock
-from cli_helpers import FAST, TINY_ARCH, assert_one_line_error, cifar_dir, read_metrics, run_cli, train_args  # noqa: F401 (fixture)
-from module import BLOCK_TRACE_ENV
+from cli_helpers import FAST, TINY_ARCH, assert_one_line_error, cifar_dir, read_metrics, run_cli, traced_training, train_args  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "configs" / "slurm"
@@ -120,12 +118,8 @@ def test_requeued_array_task_resumes_in_its_folder(array_run):
 
 
 def test_a_job_draws_its_steps_only_among_its_blocks(cifar_dir, capsys, monkeypatch, tmp_path):
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    monkeypatch.setenv(BLOCK_TRACE_ENV, str(trace))
-    code, out, err = run_cli(train_args(cifar_dir, "j02", "--train_blocks", "0,2", model_type="dblock", steps=4), capsys)
-    assert code == 0, err
-    records = [json.loads(line) for line in (trace / "rank0.jsonl").read_text().splitlines()]
+    args = train_args(cifar_dir, "j02", "--train_blocks", "0,2", model_type="dblock", steps=4)
+    records = traced_training(args, tmp_path / "trace", monkeypatch, capsys)
     assert len(records) == 8 and {r["block"] for r in records} == {0, 2}  # 4 steps x 2 blocks, both drawn
     assert all(r["blocks_with_grad"] == [r["block"]] for r in records)
     assert not Path("logs/j02/metrics.json").exists()  # it cannot sample alone: nothing pretends to be a test
