@@ -4,7 +4,6 @@ import typing
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 import main
 from errors import UserError
