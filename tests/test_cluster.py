@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cli_helpers import FAST, TINY_ARCH, cifar_dir, read_metrics, run_cli, train_args  # noqa: F401 (fixture)
-from module import BLOCK_TRACE_ENV
+from block_trace import BLOCK_TRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
@@ -173,7 +173,7 @@ def test_ddp_two_cpu_processes_train_the_same_block_with_their_own_noise(tmp_pat
     trace = tmp_path / "trace"
     trace.mkdir()
     env = {**os.environ, BLOCK_TRACE_ENV: str(trace), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(REPO / "main.py"), *train_args(cifar_dir, "ddp", "--devices", "2", model_type="dblock", steps=2)]
+    cmd = [sys.executable, str(REPO / "tests" / "traced_main.py"), *train_args(cifar_dir, "ddp", "--devices", "2", model_type="dblock", steps=2)]
     proc = subprocess.run([str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [[json.loads(line) for line in (trace / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]

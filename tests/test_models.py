@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import dblock
 import edm
 from errors import UserError
-from module import block_for_step
+from objectives import block_for_step
 from vit import ArchConfig, ViTClassifier, default_arch
 
 TINY = ArchConfig(hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16)

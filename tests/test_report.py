@@ -14,7 +14,7 @@ import main
 import report
 from cli_helpers import assert_one_line_error, run_cli, train_args
 from experiment import RUN_NAME_ENV
-from module import block_for_step
+from objectives import block_for_step
 from synthetic import write_cifar
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
