@@ -24,9 +24,9 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import calculate_md5, check_md5
 
 from errors import UserError
-from flags import Augment
+from flags import Augment, Data
 
-DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder")
+DATASETS = get_args(Data)
 # The released recipe normalises Tiny-ImageNet with the ImageNet statistics and CIFAR with CIFAR-100's.
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)

@@ -26,7 +26,8 @@ class OneLineErrorParser(ArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         text = re.sub(r"\s+", " ", str(message)).strip()
-        command = " ".join(["main.py", *self.prog.split()[1:]])  # prog is `<script> [subcommand]`
+        # prog is `<script>` for the command itself, `<script> [options] <subcommand>` for a subcommand
+        command = " ".join(["main.py", *(word for word in self.prog.split()[1:] if not word.startswith("["))])
         sys.stderr.write(f"error: {text} (see `{command} --help`)\n")
         raise SystemExit(2)
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import get_args
 
 import torch
 
+from config import default_configs
 from errors import UserError
+from flags import ModelType
 from vit import ArchConfig
 
 PREFIX = "model."
@@ -141,23 +144,25 @@ def convert_checkpoint(ckpt: dict, path: str) -> dict:
     """A released Lightning checkpoint as this program's checkpoint: {"state_dict", "hyper_parameters"} for LitClassifier."""
     flags = ckpt.get("hyper_parameters", {})
     model_type = flags.get("model_type")
-    if model_type not in ("vit", "dblock"):
+    if model_type not in get_args(ModelType):
         raise UserError(f"checkpoint {path} looks like the released program's but its model_type is {model_type!r}: pass a vit or dblock checkpoint")
     state = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX) and k != f"{PREFIX}sigmas"}
+    defaults = default_configs()
     try:
         arch = released_arch(flags, state, path)
         num_labels = int(flags.get("num_labels") or state["classifier.weight"].shape[0])
-        hparams = {"model_type": model_type, "arch": arch.to_dict(), "num_labels": num_labels, "seed": int(flags.get("seed", 42))}
+        seed = int(flags.get("seed", defaults.model.seed))  # the released program's defaults are this program's
+        hparams = {"model_type": model_type, "arch": arch.to_dict(), "num_labels": num_labels, "seed": seed}
         if model_type == "vit":
             converted = vit_state_dict(state)
         else:
-            num_blocks = int(flags.get("num_blocks", 3))
+            num_blocks = int(flags.get("num_blocks", defaults.dblock.num_blocks))
             if arch.num_hidden_layers % num_blocks:
                 raise UserError(f"checkpoint {path} has {arch.num_hidden_layers} layers, not divisible by its num_blocks {num_blocks}")
             hparams.update(
                 num_blocks=num_blocks,
-                gamma=float(flags.get("gamma", 0.05)),
-                cfg_scale=float(flags.get("cfg_scale", 0.0)),
+                gamma=float(flags.get("gamma", defaults.dblock.gamma)),
+                cfg_scale=float(flags.get("cfg_scale", defaults.sampler.cfg_scale)),
                 num_inference_steps=flags.get("num_inference_steps"),
             )
             converted = dblock_state_dict(state, [arch.num_hidden_layers // num_blocks] * num_blocks)

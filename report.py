@@ -23,6 +23,20 @@ from errors import UserError
 # vit.ArchConfig's depth, which applies when config.yaml holds num_hidden_layers: null.
 # Not imported from vit.py: that would load transformers just for one number (a test keeps them equal).
 DEFAULT_DEPTH = 12
+
+
+def train_default(flag: str):
+    """`main.py train`'s default of a flag (config.yaml of an older run may lack it)."""
+    from config import default_flags  # imports the models: only once a report is made
+
+    return default_flags()[flag]
+
+
+def default_configs():
+    """The configs of `main.py train` without flags."""
+    from config import default_configs as defaults
+
+    return defaults()
 UNKNOWN, NOT_APPLICABLE = "?", "-"
 
 # SPEC section 1 (paper, Table 1): top-1 accuracy in % per dataset, as (model type, blocks (layers), accuracy).
@@ -247,10 +261,10 @@ def finished_training(run: Run) -> bool:
     ckpt, cfg = run.checkpoint, run.config
     if ckpt is None or not cfg:
         return False
-    max_steps = cfg.get("max_steps", -1)
+    max_steps = cfg.get("max_steps", train_default("max_steps"))
     if max_steps > 0 and ckpt.global_step >= max_steps * run.num_blocks:
         return True
-    return ckpt.epochs_processed is not None and ckpt.epochs_processed >= cfg.get("num_epochs", 500) * run.num_blocks
+    return ckpt.epochs_processed is not None and ckpt.epochs_processed >= cfg.get("num_epochs", train_default("num_epochs")) * run.num_blocks
 
 
 def status(run: Run) -> str:
@@ -282,7 +296,7 @@ def block_sizes(run: Run) -> list[int] | None:
             return [int(n) for n in str(run.config["layers_per_block"]).split(",")]
         except ValueError:
             raise UserError(f"{run.path / 'config.yaml'}: layers_per_block {run.config['layers_per_block']!r} is not a comma-separated list of integers") from None
-    num_blocks, layers = run.config.get("num_blocks") or 3, depth(run)
+    num_blocks, layers = run.config.get("num_blocks") or default_configs().dblock.num_blocks, depth(run)
     return [layers // num_blocks] * num_blocks if layers % num_blocks == 0 else None
 
 
@@ -322,10 +336,10 @@ def run_row(run: Run) -> dict[str, str]:
         "model": run.model_type or UNKNOWN,
         "data": cfg.get("data", UNKNOWN),
         "blocks (layers)": allocation(run),
-        "partition": dblock_only(lambda: cfg.get("partition", "equiprob")),
-        "gamma": dblock_only(lambda: f"{cfg.get('gamma', 0.05):g}"),
-        "augment": configured(lambda: cfg.get("augment", "released") + ("+RandAugment" if cfg.get("add_rand_aug") else "")),
-        "epochs (planned)": configured(lambda: str(cfg.get("num_epochs", 500) * run.num_blocks)),
+        "partition": dblock_only(lambda: cfg.get("partition", train_default("partition"))),
+        "gamma": dblock_only(lambda: f"{cfg.get('gamma', train_default('gamma')):g}"),
+        "augment": configured(lambda: cfg.get("augment", train_default("augment")) + ("+RandAugment" if cfg.get("add_rand_aug") else "")),
+        "epochs (planned)": configured(lambda: str(cfg.get("num_epochs", train_default("num_epochs")) * run.num_blocks)),
         "steps (done)": UNKNOWN if steps is None else str(steps),
         "inference steps": dblock_only(lambda: str(inference)),
         "test acc %": NOT_APPLICABLE if acc is None else f"{100 * acc:.2f}",
