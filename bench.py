@@ -79,8 +79,10 @@ def run(configs, timing: Timing, output: str | None, plot: str | None) -> dict:
     device = resolve_device(r.accelerator)
     use_recipe_matmul_precision(device, r.precision)
     results = {name: measure_variant(name, configs, info.num_classes, device, timing) for name in VARIANTS}
-    loader = loader_throughput(r.data, info.image_size, configs.arch.image_size, r.batch_size, r.num_workers, timing.loader_batches,
-                               configs.model.seed, device)
+    loader = loader_throughput(
+        r.data, info.image_size, configs.arch.image_size, r.batch_size, r.num_workers, timing.loader_batches,
+        configs.model.seed, device,
+    )
     report = assemble_report(results, loader, device, describe_config(configs, info.num_classes, timing))
     print(format_report(report))
     if output is not None:
@@ -309,7 +311,7 @@ def resident_bytes(v: Variant, block: int) -> dict[str, int]:
 
 
 def measure_memory(v: Variant, batch, block: int) -> dict:
-    """Peak memory of one training step on `block` and its split into parameters, gradients, optimizer and activations."""
+    """Peak memory of one training step on `block`, split into parameters, gradients, optimizer and activations."""
     import torch
 
     cuda = v.device.type == "cuda"
@@ -436,8 +438,9 @@ def loader_throughput(
     images = rng.integers(0, 256, (n, native_size, native_size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n)
     loader = DataLoader(
-        ArrayDataset(images, labels, train_transform(data, image_size, add_rand_aug=False)), batch_size=batch_size, shuffle=True,
-        drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+        ArrayDataset(images, labels, train_transform(data, image_size, add_rand_aug=False)), batch_size=batch_size,
+        shuffle=True, drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
     )
     it = iter(loader)
     next(it)  # starts the workers; a one-off cost of every epoch, not of throughput
@@ -464,7 +467,10 @@ def assemble_report(results: dict, loader_images_per_s: float, device, config: d
         "versions": versions(),
         "ratio_variant": RATIO_VARIANT,
         "ratios": ratios,
-        "targets": {name: {"max": limit, "pass": ratios[name] <= limit if ratios[name] is not None else None} for name, limit in TARGETS.items()},
+        "targets": {
+            name: {"max": limit, "pass": ratios[name] <= limit if ratios[name] is not None else None}
+            for name, limit in TARGETS.items()
+        },
         "loader_images_per_s": loader_images_per_s,
         "fastest_train_variant": fastest,
         "loader_slower_than_training": loader_images_per_s < results[fastest]["train_images_per_s"],

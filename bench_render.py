@@ -30,9 +30,11 @@ def format_report(report: dict) -> str:
         f"{'train s':>10}{'infer s':>10}{'train img/s':>13}{'infer img/s':>13}"
     )
     lines = [
-        f"bench {c['data']}: batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)}{job_note(c)}, precision {c['precision']}"
+        f"bench {c['data']}: batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)}{job_note(c)}, "
+        f"precision {c['precision']}"
         f"{', compiled' if c['compile'] else ''}; hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
-        f"{c['num_attention_heads']} heads, MLP {c['intermediate_size']}, patch {c['patch_size']}, {c['image_size']} px, "
+        f"{c['num_attention_heads']} heads, MLP {c['intermediate_size']}, patch {c['patch_size']}, "
+        f"{c['image_size']} px, "
         f"{c['num_labels']} classes",
         f"device: {report['device']}; torch {report['versions']['torch']}; {report['date']}",
         f"memory method: {report['method']} (MiB; peak = worst block for dblock)",
@@ -80,6 +82,9 @@ def save_plot(report: dict, f) -> None:
         ax.annotate(f"{report[n]['peak_memory_bytes'] / MIB:.0f}", (i, bottom[i]), ha="center", va="bottom")
     c = report["config"]
     ax.set_ylabel("MiB")
-    ax.set_title(f"Training-step memory, {c['data']}, batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)} ({report['method'].split(':')[0]})", fontsize=9)
+    method = report["method"].split(":")[0]
+    blocks = f"B={c['num_blocks']}{layout_note(c)}"
+    title = f"Training-step memory, {c['data']}, batch {c['batch_size']}, {blocks} ({method})"
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.savefig(f, format="png", dpi=120)

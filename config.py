@@ -16,7 +16,9 @@ from dblock import DBlockConfig, parse_block_list, parse_layers_per_block, resol
 from errors import UserError
 from vit import ArchConfig, default_arch
 
-ARCH_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "image_size")
+ARCH_FLAGS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "image_size"
+)
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,9 @@ def build_configs(data: str, flags: dict) -> Configs:
     values.update(
         compile_model=values["compile"],
         train_blocks=parse_block_list(values["train_blocks"], "--train_blocks"),
-        scheduler_specific_kwargs=kwargs if isinstance(kwargs, dict) else parse_json_object(kwargs, "--scheduler_specific_kwargs"),
+        scheduler_specific_kwargs=(
+            kwargs if isinstance(kwargs, dict) else parse_json_object(kwargs, "--scheduler_specific_kwargs")
+        ),
     )
     dcfg = DBlockConfig(
         num_blocks=resolve_num_blocks(values["num_blocks"], layout), gamma=values["gamma"], layers_per_block=layout,
@@ -147,8 +151,9 @@ def build_configs(data: str, flags: dict) -> Configs:
         raw_embedding_bridge=values["raw_embedding_bridge"],
     )
     return Configs(
-        arch=default_arch(data, **{name: values[name] for name in ARCH_FLAGS}), dblock=dcfg, optim=pick(OptimConfig, values),
-        sampler=pick(SamplerConfig, values), model=pick(ModelConfig, values), run=pick(RunConfig, values),
+        arch=default_arch(data, **{name: values[name] for name in ARCH_FLAGS}), dblock=dcfg,
+        optim=pick(OptimConfig, values), sampler=pick(SamplerConfig, values), model=pick(ModelConfig, values),
+        run=pick(RunConfig, values),
     )
 
 
@@ -166,10 +171,11 @@ def to_hparams(configs: Configs, num_labels: int, member_blocks: list[list[int]]
         "scheduler_specific_kwargs": dict(o.scheduler_specific_kwargs), "seed": m.seed,
         "gradient_checkpointing": m.gradient_checkpointing, "num_blocks": d.num_blocks, "gamma": d.gamma,
         "layers_per_block": list(d.layers_per_block) if d.layers_per_block else None, "partition": d.partition,
-        "train_blocks": m.train_blocks, "member_blocks": member_blocks, "batch_mean_loss_weight": d.batch_mean_loss_weight,
-        "raw_embedding_bridge": d.raw_embedding_bridge, "class_dropout_prob": m.class_dropout_prob,
-        "num_inference_steps": s.num_inference_steps, "cfg_scale": s.cfg_scale, "offload_optimizer": m.offload_optimizer,
-        "offload_weights": m.offload_weights, "compile_model": m.compile_model, "augment": m.augment,
+        "train_blocks": m.train_blocks, "member_blocks": member_blocks,
+        "batch_mean_loss_weight": d.batch_mean_loss_weight, "raw_embedding_bridge": d.raw_embedding_bridge,
+        "class_dropout_prob": m.class_dropout_prob, "num_inference_steps": s.num_inference_steps,
+        "cfg_scale": s.cfg_scale, "offload_optimizer": m.offload_optimizer, "offload_weights": m.offload_weights,
+        "compile_model": m.compile_model, "augment": m.augment,
     }
 
 
@@ -200,14 +206,16 @@ class ModelSpec:
 def spec_from_hparams(hparams: dict) -> ModelSpec:
     """Typed configs of a full hyper-parameter dict (the inverse of to_hparams)."""
     layout = hparams["layers_per_block"]
-    optimizer, kwargs = default_flags()["optimizer"], hparams["scheduler_specific_kwargs"] or {}  # AdamW is the only one
+    # A checkpoint does not record the optimizer: AdamW is the only one.
+    optimizer, kwargs = default_flags()["optimizer"], hparams["scheduler_specific_kwargs"] or {}
     dcfg = DBlockConfig(
         num_blocks=hparams["num_blocks"], gamma=hparams["gamma"], layers_per_block=tuple(layout) if layout else None,
         partition=hparams["partition"], batch_mean_loss_weight=hparams["batch_mean_loss_weight"],
         raw_embedding_bridge=hparams["raw_embedding_bridge"],
     )
     return ModelSpec(
-        model=pick(ModelConfig, hparams), arch=ArchConfig(**hparams["arch"]), num_labels=hparams["num_labels"], dblock=dcfg,
+        model=pick(ModelConfig, hparams), arch=ArchConfig(**hparams["arch"]), num_labels=hparams["num_labels"],
+        dblock=dcfg,
         optim=pick(OptimConfig, {**hparams, "optimizer": optimizer, "scheduler_specific_kwargs": kwargs}),
         sampler=pick(SamplerConfig, hparams), member_blocks=hparams["member_blocks"],
     )

@@ -1,5 +1,5 @@
-"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,bench} DATA [flags]`, `main.py report RUN_DIR...`,
-`main.py assemble CKPT... --output FILE`, `main.py push RUN --repo_id OWNER/NAME`.
+"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,bench} DATA [flags]`,
+`main.py report RUN_DIR...`, `main.py assemble CKPT... --output FILE`, `main.py push RUN --repo_id OWNER/NAME`.
 
 Flag names and defaults follow the released program; see README.md for every flag.
 """
@@ -93,7 +93,8 @@ def train(
         data: Dataset: cifar10, cifar100, tiny-imagenet or imagefolder (class folders under --data_dir/train and /test).
         model_type: vit (end-to-end baseline) or dblock (DiffusionBlocks, one block trained per step).
         data_dir: Folder holding (or receiving) the dataset files.
-        run_name: Run folder name under logs/ (default: <timestamp>-<model_type><postfix>, or slurm-<job id>-... under Slurm).
+        run_name: Run folder name under logs/ (default: <timestamp>-<model_type><postfix>, or slurm-<job id>-... under
+            Slurm).
         postfix: Appended to the default run name (the recipes use "-rand-augment").
         devices: Accelerators per node; more than one trains with DDP.
         num_nodes: Nodes (multi-node DDP, e.g. under srun).
@@ -105,10 +106,14 @@ def train(
         eval_batch_size: Test batch size (default: batch_size).
         num_workers: Data loader worker processes.
         add_rand_aug: Add RandAugment after the horizontal flip (with any --augment).
-        augment: Training augmentation: released (the dataset's random crop and flip), none (resize and centre crop, as at test), crop (the random crop only) or flip (the flip only).
-        save_every_n_epochs: Write a checkpoint every this many epochs (plus last.ckpt); tiny-imagenet also validates then.
-        save_top_k: How many periodic checkpoints to keep (-1 = all): the best by val/acc on tiny-imagenet, else the latest.
-        eval_every_n_epochs: Score the test split every this many epochs and log eval/acc, a learning curve (default: never); changes neither training nor the checkpoint tested.
+        augment: Training augmentation: released (the dataset's random crop and flip), none (resize and centre crop, as
+            at test), crop (the random crop only) or flip (the flip only).
+        save_every_n_epochs: Write a checkpoint every this many epochs (plus last.ckpt); tiny-imagenet also validates
+            then.
+        save_top_k: How many periodic checkpoints to keep (-1 = all): the best by val/acc on tiny-imagenet, else the
+            latest.
+        eval_every_n_epochs: Score the test split every this many epochs and log eval/acc, a learning curve (default:
+            never); changes neither training nor the checkpoint tested.
         accumulate_grad_batches: Batches per optimizer step.
         gradient_checkpointing: Recompute activations in backward (vit baseline only).
         optimizer: Optimizer (only adamw, as released).
@@ -129,10 +134,14 @@ def train(
         intermediate_size: MLP width (default 3072).
         patch_size: Patch side in pixels (default 4).
         image_size: Input side in pixels (default 32; tiny-imagenet 64).
-        num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of --layers_per_block).
-        layers_per_block: dblock: layers of each block, block 0 (highest noise) first, e.g. 6,4,2 (default: the even split).
-        partition: dblock: noise-range boundaries: equiprob (equal training probability, released) or uniform (equal width in log sigma).
-        train_blocks: dblock: train only these blocks (e.g. 1 or 0,2) as an independent job with a frozen seed-derived label table; combine the jobs with `main.py assemble`.
+        num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of
+            --layers_per_block).
+        layers_per_block: dblock: layers of each block, block 0 (highest noise) first, e.g. 6,4,2 (default: the even
+            split).
+        partition: dblock: noise-range boundaries: equiprob (equal training probability, released) or uniform (equal
+            width in log sigma).
+        train_blocks: dblock: train only these blocks (e.g. 1 or 0,2) as an independent job with a frozen seed-derived
+            label table; combine the jobs with `main.py assemble`.
         gamma: dblock: log-space overlap of neighbouring blocks' noise ranges.
         num_inference_steps: dblock: sampler steps at test time (default num_blocks).
         cfg_scale: dblock: classifier-free guidance scale at test time (0 = off; 1 = the conditional logits).
@@ -148,9 +157,10 @@ def train(
     from config import build_configs
 
     check_at_least(
-        devices=devices, num_nodes=num_nodes, num_epochs=num_epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
-        save_every_n_epochs=save_every_n_epochs, accumulate_grad_batches=accumulate_grad_batches,
-        num_inference_steps=num_inference_steps, log_every_n_steps=log_every_n_steps, eval_every_n_epochs=eval_every_n_epochs,
+        devices=devices, num_nodes=num_nodes, num_epochs=num_epochs, batch_size=batch_size,
+        eval_batch_size=eval_batch_size, save_every_n_epochs=save_every_n_epochs,
+        accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
+        log_every_n_steps=log_every_n_steps, eval_every_n_epochs=eval_every_n_epochs,
     )
     return run.train(build_configs(data, flags), flags)
 
@@ -172,11 +182,12 @@ def test(
     raw_embedding_bridge: bool | None = None,
     save_predictions: bool = False,
 ) -> dict:
-    """Score a checkpoint on DATA's test split; writes metrics.json next to the checkpoint (Hub models: logs/hf-OWNER--NAME/).
+    """Score a checkpoint on DATA's test split; metrics.json goes next to it (Hub models: logs/hf-OWNER--NAME/).
 
     Args:
         data: Dataset: cifar10, cifar100, tiny-imagenet or imagefolder.
-        ckpt_path: Checkpoint written by train, a folder written by push, or hf://OWNER/NAME[@REVISION] (architecture and model type are read from it).
+        ckpt_path: Checkpoint written by train, a folder written by push, or hf://OWNER/NAME[@REVISION] (architecture
+            and model type are read from it).
         model_type: Optional check: must match the checkpoint's model type.
         data_dir: Folder holding (or receiving) the dataset files.
         batch_size: Batch size (used when --eval_batch_size is not given).
@@ -188,13 +199,16 @@ def test(
         num_inference_steps: dblock: sampler steps (default: the checkpoint's, else num_blocks); any value works.
         cfg_scale: dblock: classifier-free guidance scale (default: the checkpoint's).
         raw_embedding_bridge: dblock: override the checkpoint's bridge quirk (true = released raw table).
-        save_predictions: Also write predictions.csv (index, label, prediction per test image, in dataset order) next to metrics.json.
+        save_predictions: Also write predictions.csv (index, label, prediction per test image, in dataset order) next to
+            metrics.json.
     """
     import run
     from config import build_configs
 
     check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
-    overrides = {"num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge}
+    overrides = {
+        "num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge
+    }
     flags = {k: v for k, v in locals().items() if k in TEST_RUN_FLAGS}
     return run.test(build_configs(data, flags), ckpt_path, model_type, overrides, save_predictions)
 
@@ -228,14 +242,18 @@ def bench(
     seed: int = 42,
     data_dir: str = "data",
 ) -> dict:
-    """Measure peak training memory (by component), step and inference time of vit and dblock variants, and loader speed.
+    """Measure peak training memory (by component), step and inference times of vit and dblock variants, loader speed.
 
     Args:
-        data: Dataset whose shape is used: cifar10, cifar100, tiny-imagenet or imagefolder (inputs are random; no image is read).
+        data: Dataset whose shape is used: cifar10, cifar100, tiny-imagenet or imagefolder (inputs are random; no image
+            is read).
         batch_size: Training and inference batch size.
-        num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of --layers_per_block).
-        layers_per_block: dblock: layers of each block, block 0 first, e.g. 6,4,2 (default: the even split); the worst block is reported.
-        train_blocks: dblock: measure an independent job that builds and trains only these blocks (e.g. 1); no inference timing.
+        num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of
+            --layers_per_block).
+        layers_per_block: dblock: layers of each block, block 0 first, e.g. 6,4,2 (default: the even split); the worst
+            block is reported.
+        train_blocks: dblock: measure an independent job that builds and trains only these blocks (e.g. 1); no inference
+            timing.
         hidden_size: Transformer width (default per dataset: 128; tiny-imagenet 768).
         num_hidden_layers: Transformer depth (default 12).
         num_attention_heads: Attention heads (default 4; tiny-imagenet 12).
@@ -275,10 +293,11 @@ def push(
     dry_run: str | None = None,
     include_checkpoint: bool = False,
 ) -> str:
-    """Share a trained model on the Hugging Face Hub: model.safetensors, config.json, config.yaml, metrics.json, model card.
+    """Share a trained model on the Hugging Face Hub: model.safetensors, config.json, config.yaml, metrics.json, card.
 
     Args:
-        run: Run folder written by train (its last.ckpt, or the checkpoint its metrics.json scored), or a .ckpt file in one.
+        run: Run folder written by train (its last.ckpt, or the checkpoint its metrics.json scored), or a .ckpt file in
+            one.
         repo_id: Hub repository OWNER/NAME, created if missing; needs a token (`hf auth login` or HF_TOKEN).
         private: Create the repository as private (an existing one keeps its visibility).
         dry_run: Write the model folder here and upload nothing.

@@ -39,7 +39,8 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, num_warmup_steps: int, num_training_steps: int, kwargs: dict):
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, num_warmup_steps: int, num_training_steps: int,
+                   kwargs: dict):
     """The released schedule: transformers.get_scheduler, stepped every optimizer step."""
     return get_scheduler(
         name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps,
@@ -90,7 +91,8 @@ def resolve_hparams(hparams: dict) -> dict:
     if not 0.0 <= hparams.get("class_dropout_prob", 0.0) <= 1.0:
         raise UserError(f"--class_dropout_prob must be in [0, 1], got {hparams['class_dropout_prob']}")
     resolved = {**default_hparams(), **hparams}
-    return {"model_type": resolved.pop("model_type"), "arch": resolved.pop("arch"), "num_labels": hparams["num_labels"], **resolved}
+    first = {key: resolved.pop(key) for key in ("model_type", "arch")} | {"num_labels": hparams["num_labels"]}
+    return {**first, **resolved}  # the key order of every checkpoint
 
 
 class LitClassifier(
@@ -118,7 +120,8 @@ class LitClassifier(
         self.scoring = scoring or Scoring()
         self.model = self.objective.build_model()
         m = self.spec.model
-        offloads = self.objective.has_blocks and self.spec.member_blocks is None and (m.offload_optimizer or m.offload_weights)
+        wanted = m.offload_optimizer or m.offload_weights
+        offloads = self.objective.has_blocks and self.spec.member_blocks is None and wanted
         self.offloader = BlockOffloader(self.model.blocks, offload_weights=m.offload_weights) if offloads else None
         self.last_loss: StepLoss | None = None  # the last training micro-batch's loss terms (for callbacks)
         self._correct = 0
@@ -130,7 +133,7 @@ class LitClassifier(
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):
-        # The mixin loads weights non-strictly by default; config.json rebuilds the exact network, so every weight must load.
+        # The mixin loads weights non-strictly by default; config.json rebuilds the exact network: all must load.
         # config.json also describes the expected input (its "dataset" entry), which is not a hyper-parameter.
         loading = inspect.signature(PyTorchModelHubMixin._from_pretrained).parameters
         kept = {k: v for k, v in kwargs.items() if k in loading or k in {"num_labels", *default_hparams()}}
@@ -196,8 +199,8 @@ class LitClassifier(
         return out.loss
 
     def log_block_curves(self, out: StepLoss) -> None:
-        """Per-block curves `train/loss_<b>`, `train/ce_loss_<b>`, sent straight to the loggers at the steps that trained
-        block b (Lightning's self.log would re-send each key's last value at every later logging step)."""
+        """Per-block curves `train/loss_<b>`, `train/ce_loss_<b>`, sent straight to the loggers at the steps that
+        trained block b (Lightning's self.log would re-send each key's last value at every later logging step)."""
         # Lightning's own cadence: it logs a step's metrics when (step + 1) is a multiple of log_every_n_steps.
         if not self.loggers or (self.global_step + 1) % self.trainer.log_every_n_steps:
             return
@@ -206,7 +209,7 @@ class LitClassifier(
             logger.log_metrics(metrics, step=self.global_step)
 
     def check_finite(self, out: StepLoss) -> None:
-        """Stop before a non-finite loss reaches the weights, naming the step, the block and the last good checkpoint."""
+        """Stop before a non-finite loss reaches the weights, naming the step, block and last good checkpoint."""
         if torch.isfinite(out.loss):
             return
         callback = getattr(self.trainer, "checkpoint_callback", None)

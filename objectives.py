@@ -40,7 +40,7 @@ class StepLoss:
 
 
 def block_for_step(seed: int, step: int, num_blocks: int) -> int:
-    """Block trained at optimizer step `step`: a pure function of (seed, step), identical on every rank and after resume."""
+    """Block trained at optimizer step `step`: pure in (seed, step), the same on every rank and after resume."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
     return int(torch.randint(num_blocks, (1,), generator=g))
 
@@ -59,7 +59,8 @@ def check_train_blocks(train_blocks: list[int] | None, num_blocks: int) -> None:
     distinct = len(set(train_blocks)) == len(train_blocks)
     if not train_blocks or not distinct or not all(0 <= b < num_blocks for b in train_blocks):
         raise UserError(
-            f"--train_blocks {','.join(map(str, train_blocks))} must name distinct blocks between 0 and {num_blocks - 1}, "
+            f"--train_blocks {','.join(map(str, train_blocks))} must name distinct blocks between 0 and "
+            f"{num_blocks - 1}, "
             "e.g. --train_blocks 1"
         )
 
@@ -71,7 +72,9 @@ def build_dblock(
     """The DiffusionBlocks network: joint (every block, shared trainable label table), one independent job's
     blocks (frozen seed-derived label table, its own stem and head), or the assembly of such jobs."""
     def job(blocks) -> dblock.DiffusionBlocksViT:
-        return dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dcfg, built_blocks=tuple(blocks), label_seed=seed)
+        return dblock.DiffusionBlocksViT(
+            arch=arch, num_labels=num_labels, dcfg=dcfg, built_blocks=tuple(blocks), label_seed=seed
+        )
 
     if member_blocks is not None:
         return dblock.AssembledBlocks([job(m) for m in member_blocks])
@@ -109,7 +112,7 @@ class VitObjective:
         """No block choice: the whole network trains."""
         return None
 
-    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, where: StepIndex, block: int | None) -> StepLoss:
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, where: StepIndex, block) -> StepLoss:
         """Cross-entropy of the logits (fp32)."""
         loss = F.cross_entropy(model(images).float(), labels)
         return StepLoss(loss, {"train/loss": loss})
@@ -124,7 +127,7 @@ class VitObjective:
 
 
 class DBlockObjective:
-    """DiffusionBlocks: one block per step, the EDM-weighted cross-entropy of its denoised labels; the sampler predicts."""
+    """DiffusionBlocks: one block per step, the EDM-weighted cross-entropy of its denoised labels."""
 
     find_unused_parameters = True  # the blocks not drawn get no gradient
     has_blocks = True  # the blocks not being trained can wait in host memory (offload.py)
@@ -161,15 +164,18 @@ class DBlockObjective:
         blocks = self.trainable_blocks
         return blocks[block_for_step(self.spec.model.seed, step, len(blocks))]
 
-    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, where: StepIndex, block: int | None) -> StepLoss:
-        """Weighted cross-entropy of `block` with sigmas, noise and image dropout from the micro-batch's own generator."""
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, where: StepIndex, block) -> StepLoss:
+        """Weighted cross-entropy of `block`; sigmas, noise and image dropout from the micro-batch's own generator."""
         g = noise_generator(self.spec.model.seed, where.step, where.rank, where.micro_batch, images.device)
-        loss, ce, sigma = dblock.training_loss(model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout)
+        loss, ce, sigma = dblock.training_loss(
+            model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout
+        )
         return StepLoss(loss, {"train/loss": loss, "train/ce_loss": ce}, block=block, sigma=sigma)
 
     def predict(self, model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The Euler sampler's logits, its starting noise drawn from `generator`."""
-        return dblock.sample_logits(model, images, self.inference_steps, self.spec.sampler.cfg_scale, generator=generator)
+        steps, cfg_scale = self.inference_steps, self.spec.sampler.cfg_scale
+        return dblock.sample_logits(model, images, steps, cfg_scale, generator=generator)
 
     def metric_fields(self) -> dict:
         """metrics.json records the sampler steps it scored with."""

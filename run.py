@@ -39,7 +39,8 @@ def train(configs: Configs, flags: dict, callbacks: tuple[pl.Callback, ...] = ()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if not module.covers_all_blocks:
         blocks, total = configs.model.train_blocks, configs.dblock.num_blocks
-        print(f"trained blocks {blocks} of {total}: combine every block's job with `main.py assemble`, then test the result")
+        print(f"trained blocks {blocks} of {total}: combine every block's job with `main.py assemble`, "
+              "then test the result")
         return {}
     return test_after_fit(trainer, module, dm, run_dir)
 
@@ -48,7 +49,10 @@ def check_training(configs: Configs) -> None:
     """Reject flag combinations training cannot run, before any data is read."""
     m, r, o = configs.model, configs.run, configs.optim
     if m.offload_weights and (r.devices > 1 or r.num_nodes > 1):
-        raise UserError("--offload_weights works on one device only (DDP needs every weight on its device): drop it or use --devices 1")
+        raise UserError(
+            "--offload_weights works on one device only (DDP needs every weight on its device): "
+            "drop it or use --devices 1"
+        )
     if m.train_blocks is not None and m.model_type != "dblock":
         raise UserError("--train_blocks needs --model_type dblock")
     check_scheduler(o.scheduler_type, o.num_warmup_steps, o.scheduler_specific_kwargs)
@@ -57,10 +61,11 @@ def check_training(configs: Configs) -> None:
 def make_datamodule(configs: Configs, image_size: int, train: bool) -> ImageDataModule:
     """The dataset's data module at the model's image size (training augmentation only for training)."""
     r = configs.run
-    extra = {"add_rand_aug": r.add_rand_aug, "seed": configs.model.seed, "augment": configs.model.augment} if train else {}
+    m = configs.model
+    extra = {"add_rand_aug": r.add_rand_aug, "seed": m.seed, "augment": m.augment} if train else {}
     return ImageDataModule(
-        r.data, data_dir=r.data_dir, batch_size=r.batch_size, eval_batch_size=r.eval_batch_size, num_workers=r.num_workers,
-        image_size=image_size, **extra,
+        r.data, data_dir=r.data_dir, batch_size=r.batch_size, eval_batch_size=r.eval_batch_size,
+        num_workers=r.num_workers, image_size=image_size, **extra,
     )
 
 
@@ -152,7 +157,7 @@ def test(configs: Configs, ckpt_path: str, model_type: str | None, overrides: di
     """Score a checkpoint on the test split; metrics.json (and predictions.csv) next to it (see main.test)."""
     from hub import resolve_checkpoint
 
-    ckpt, run_dir = resolve_checkpoint(ckpt_path)  # a .ckpt file, a folder written by push, or hf://OWNER/NAME[@REVISION]
+    ckpt, run_dir = resolve_checkpoint(ckpt_path)  # a .ckpt file, a folder written by push, or hf://OWNER/NAME[@REV]
     scoring = Scoring(sampler_seed=configs.model.seed, save_predictions=save_predictions)
     module = module_from_checkpoint(ckpt, ckpt_path, model_type, overrides, scoring)
     dm = make_datamodule(configs, module.hparams.arch["image_size"], train=False)
@@ -169,7 +174,8 @@ def check_same_classes(dm: ImageDataModule, module: LitClassifier, data: str, ck
     """The dataset must have the checkpoint's classes."""
     if dm.info.num_classes != module.hparams.num_labels:
         raise UserError(
-            f"checkpoint {ckpt_path} classifies {module.hparams.num_labels} classes but {data} has {dm.info.num_classes}: "
+            f"checkpoint {ckpt_path} classifies {module.hparams.num_labels} classes but {data} has "
+            f"{dm.info.num_classes}: "
             "test on the dataset the checkpoint was trained on"
         )
 
@@ -178,6 +184,7 @@ def scoring_trainer(configs: Configs, run_dir: Path) -> pl.Trainer:
     """A one-device Trainer that only tests (no logger, no checkpoints)."""
     r = configs.run
     return make_trainer(
-        run_dir=run_dir, logger=False, accelerator=r.accelerator, devices=1, num_nodes=1, precision=r.precision, max_epochs=1,
-        max_steps=-1, accumulate_grad_batches=1, save_every_n_epochs=1, save_top_k=0, find_unused_parameters=False,
+        run_dir=run_dir, logger=False, accelerator=r.accelerator, devices=1, num_nodes=1, precision=r.precision,
+        max_epochs=1, max_steps=-1, accumulate_grad_batches=1, save_every_n_epochs=1, save_top_k=0,
+        find_unused_parameters=False,
     )

@@ -27,10 +27,11 @@ class BlockTrace(pl.Callback):
         last = pl_module.last_loss
         if last is None or last.block is None:
             return
-        with_grad = [b for b, layers in enumerate(pl_module.model.blocks) if any(p.grad is not None for p in layers.parameters())]
+        blocks = enumerate(pl_module.model.blocks)
+        with_grad = [b for b, layers in blocks if any(p.grad is not None for p in layers.parameters())]
         record = {
-            "rank": trainer.global_rank, "step": trainer.global_step, "block": last.block, "blocks_with_grad": with_grad,
-            "sigma_sum": float(last.sigma.sum()),
+            "rank": trainer.global_rank, "step": trainer.global_step, "block": last.block,
+            "blocks_with_grad": with_grad, "sigma_sum": float(last.sigma.sum()),
         }
         with open(self.folder / f"rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

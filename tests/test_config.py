@@ -46,8 +46,9 @@ def test_model_defaults_are_trains_defaults():
 
 
 def test_hparams_round_trip_through_the_typed_configs():
-    configs = build_configs("tiny-imagenet", {"layers_per_block": "6,4,2", "train_blocks": "0,2", "gamma": 0.1,
-                                              "scheduler_specific_kwargs": '{"min_lr": 5e-5}', "num_inference_steps": 7})
+    flags = {"layers_per_block": "6,4,2", "train_blocks": "0,2", "gamma": 0.1,
+             "scheduler_specific_kwargs": '{"min_lr": 5e-5}', "num_inference_steps": 7}
+    configs = build_configs("tiny-imagenet", flags)
     spec = spec_from_hparams(to_hparams(configs, 200))
     assert (spec.arch, spec.dblock, spec.optim, spec.sampler, spec.model) == (
         configs.arch, configs.dblock, configs.optim, configs.sampler, configs.model

@@ -13,9 +13,10 @@ OLD = Path(__file__).resolve().parent / "old_checkpoints"
 # The hyper-parameter names every checkpoint of this program has carried, in their order.
 HPARAM_KEYS = [
     "model_type", "arch", "num_labels", "lr", "weight_decay", "scheduler_type", "num_warmup_steps",
-    "scheduler_specific_kwargs", "seed", "gradient_checkpointing", "num_blocks", "gamma", "layers_per_block", "partition",
-    "train_blocks", "member_blocks", "batch_mean_loss_weight", "raw_embedding_bridge", "class_dropout_prob",
-    "num_inference_steps", "cfg_scale", "offload_optimizer", "offload_weights", "compile_model", "augment",
+    "scheduler_specific_kwargs", "seed", "gradient_checkpointing", "num_blocks", "gamma", "layers_per_block",
+    "partition", "train_blocks", "member_blocks", "batch_mean_loss_weight", "raw_embedding_bridge",
+    "class_dropout_prob", "num_inference_steps", "cfg_scale", "offload_optimizer", "offload_weights", "compile_model",
+    "augment",
 ]
 TINY = ["--hidden_size", "12", "--num_hidden_layers", "3", "--num_attention_heads", "2", "--intermediate_size", "12",
         "--patch_size", "16"]
@@ -51,7 +52,8 @@ def recorded_logits(monkeypatch):
 @pytest.mark.parametrize("model_type", ["vit", "dblock"])
 def test_an_old_checkpoint_tests_to_the_same_logits(cifar10_dir, tmp_path, capsys, recorded_logits, model_type):
     ckpt = shutil.copy(OLD / f"{model_type}.ckpt", tmp_path / f"{model_type}.ckpt")
-    code, _, err = run_cli(["test", "cifar10", "--ckpt_path", ckpt, "--data_dir", cifar10_dir, "--seed", "7", *RUN], capsys)
+    args = ["test", "cifar10", "--ckpt_path", ckpt, "--data_dir", cifar10_dir, "--seed", "7", *RUN]
+    code, _, err = run_cli(args, capsys)
     assert code == 0, err
     expected = torch.load(OLD / "logits.pt", weights_only=True)[model_type]
     assert torch.equal(torch.cat(recorded_logits), expected)  # the same weights, architecture and sampler noise
@@ -62,8 +64,8 @@ def test_an_old_checkpoint_tests_to_the_same_logits(cifar10_dir, tmp_path, capsy
 @pytest.mark.parametrize("model_type", ["vit", "dblock"])
 def test_new_checkpoints_keep_the_old_names(cifar10_dir, capsys, model_type):
     extra = DBLOCK if model_type == "dblock" else []
-    args = ["train", "cifar10", "--model_type", model_type, "--data_dir", cifar10_dir, "--run_name", "new", "--max_steps", "1", "--lr", "0.01",
-            "--logger", "none", "--progress_every_s", "0", *TINY, *RUN, *extra]
+    args = ["train", "cifar10", "--model_type", model_type, "--data_dir", cifar10_dir, "--run_name", "new",
+            "--max_steps", "1", "--lr", "0.01", "--logger", "none", "--progress_every_s", "0", *TINY, *RUN, *extra]
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     old = torch.load(OLD / f"{model_type}.ckpt", weights_only=True)
