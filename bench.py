@@ -322,7 +322,8 @@ def train_step(v: Variant, batch, block: int, count_saved: bool = False) -> int:
     counter = SavedTensorCounter(v.model.parameters()) if count_saved else contextlib.nullcontext()
     with counter, autocast(v):
         if v.is_dblock:
-            loss = dblock.training_loss(v.model, images, labels, block)[0]
+            ce, w, _ = dblock.block_losses(v.model, images, labels, block)
+            loss = dblock.reduce_loss(ce, w, v.model.dcfg.batch_mean_loss_weight)
         else:
             loss = F.cross_entropy(v.model(images).float(), labels)
     loss.backward()
@@ -423,7 +424,7 @@ def measure_variant(name: str, arch, num_labels: int, device, run: RunConfig) ->
     """Memory (worst block), median training-step time and median inference time of one variant."""
     import torch
 
-    from module import block_for_step
+    from dblock import block_for_step
 
     print(f"bench: measuring {name} ...", file=sys.stderr, flush=True)  # a paper-size run takes minutes on CPU
     with compile_limits(run):

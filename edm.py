@@ -14,22 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-SIGMA_DATA = 0.5
-SIGMA_MIN = 0.002
-SIGMA_MAX = 80.0
-P_MEAN = -1.2
-P_STD = 1.2
-
 
 @dataclass(frozen=True)
 class EDMConfig:
-    """Constants of the noise distribution and preconditioning (defaults: the paper's)."""
+    """Constants of the noise distribution and preconditioning (defaults: the paper's, EDM's Table 1)."""
 
-    sigma_data: float = SIGMA_DATA
-    sigma_min: float = SIGMA_MIN
-    sigma_max: float = SIGMA_MAX
-    P_mean: float = P_MEAN
-    P_std: float = P_STD
+    sigma_data: float = 0.5  # the data standard deviation the preconditioning assumes (EDM's value, kept by the paper)
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    P_mean: float = -1.2  # mean of ln(sigma) under the training log-normal
+    P_std: float = 1.2  # standard deviation of ln(sigma) under the training log-normal
 
 
 def append_dims(x: torch.Tensor, target_ndim: int) -> torch.Tensor:
@@ -37,17 +31,17 @@ def append_dims(x: torch.Tensor, target_ndim: int) -> torch.Tensor:
     return x.reshape(x.shape + (1,) * (target_ndim - x.ndim))
 
 
-def c_skip(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def c_skip(sigma: torch.Tensor, sigma_data: float = EDMConfig.sigma_data) -> torch.Tensor:
     """EDM skip scaling sigma_data^2 / (sigma^2 + sigma_data^2)."""
     return sigma_data**2 / (sigma**2 + sigma_data**2)
 
 
-def c_out(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def c_out(sigma: torch.Tensor, sigma_data: float = EDMConfig.sigma_data) -> torch.Tensor:
     """EDM output scaling sigma * sigma_data / sqrt(sigma^2 + sigma_data^2)."""
     return sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
 
 
-def c_in(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def c_in(sigma: torch.Tensor, sigma_data: float = EDMConfig.sigma_data) -> torch.Tensor:
     """EDM input scaling 1 / sqrt(sigma^2 + sigma_data^2)."""
     return 1.0 / torch.sqrt(sigma**2 + sigma_data**2)
 
@@ -57,7 +51,14 @@ def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(sigma) / 4.0
 
 
-def loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def scalings(
+    sigma: torch.Tensor, sigma_data: float = EDMConfig.sigma_data
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM preconditioning (Karras et al. 2022, Table 1): (c_skip, c_out, c_in, c_noise) of each sigma."""
+    return c_skip(sigma, sigma_data), c_out(sigma, sigma_data), c_in(sigma, sigma_data), c_noise(sigma)
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float = EDMConfig.sigma_data) -> torch.Tensor:
     """EDM loss weight (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2, i.e. 1 / c_out^2."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 

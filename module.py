@@ -14,6 +14,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from transformers import get_scheduler
 
 import dblock
+from dblock import block_for_step, noise_generator
 from errors import UserError
 from offload import BlockOffloader
 from vit import ArchConfig, ViTClassifier
@@ -36,19 +37,6 @@ def restore_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def block_for_step(seed: int, step: int, num_blocks: int) -> int:
-    """Block trained at optimizer step `step`: a pure function of (seed, step), identical on every rank and after resume."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
-    return int(torch.randint(num_blocks, (1,), generator=g))
-
-
-def noise_generator(seed: int, step: int, rank: int, micro_batch: int, device: torch.device) -> torch.Generator:
-    """Generator of one micro-batch's sigmas, noise and image dropout: derived from (seed, step, rank, micro-batch),
-    so DDP ranks draw different noise and a resumed run draws exactly what the straight run would."""
-    key = ((seed * 1_000_003 + step) * 1_009 + rank) * 1_013 + micro_batch
-    return torch.Generator(device=device).manual_seed(key % (2**63))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, num_warmup_steps: int, num_training_steps: int, kwargs: dict):
@@ -222,11 +210,12 @@ class LitClassifier(
         if self.offloader is not None:
             self.offloader.activate(block, self.optimizers().optimizer, self.device)
         g = noise_generator(self.hparams.seed, self.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches, self.device)
-        loss, ce, self.last_sigma = dblock.training_loss(self.model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout)
+        ce, w, self.last_sigma = dblock.block_losses(self.model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout)
+        loss = dblock.reduce_loss(ce, w, self.model.dcfg.batch_mean_loss_weight)
         self.check_finite(loss)
-        self.log_dict({"train/loss": loss, "train/ce_loss": ce}, prog_bar=True)
+        self.log_dict({"train/loss": loss, "train/ce_loss": ce.mean()}, prog_bar=True)
         self.log("train/block", float(block))
-        self.log_block_losses(block, loss, ce)
+        self.log_block_losses(block, loss, ce.mean())
         return loss
 
     def log_block_losses(self, block: int, loss: torch.Tensor, ce: torch.Tensor) -> None:
