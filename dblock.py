@@ -3,8 +3,12 @@
 Token 0 carries the noisy label state z (scaled by c_in); tokens 1..P are image patches. Every
 layer is modulated by the noise level through an adaptive LayerNorm (adaLN-Zero: each layer starts
 as the identity). Block b owns a contiguous group of layers (L/B each by default, or any
---layers_per_block allocation) and denoises the b-th noise range, block 0 the highest noise. The stem (patch, position and label embeddings, noise MLP) and the head (final
-LayerNorm, final adaptive LayerNorm, classifier) are shared by all blocks.
+--layers_per_block allocation) and denoises the b-th noise range, block 0 the highest noise. The stem (patch,
+position and label embeddings, noise MLP) and the head (final LayerNorm, final adaptive LayerNorm, classifier) are
+shared by all blocks.
+
+As NVlabs/edm's EDMPrecond: the backbone maps the preconditioned inputs to the raw output F_x, a thin wrapper applies
+the EDM scalings and returns the denoised label state D_x = c_skip * z + c_out * F_x, and the head classifies D_x.
 """
 
 from __future__ import annotations
@@ -51,9 +55,14 @@ class DBlockConfig:
         if self.layers_per_block is not None:
             layout = ",".join(map(str, self.layers_per_block))
             if len(self.layers_per_block) != self.num_blocks:
-                raise UserError(f"--layers_per_block {layout} has {len(self.layers_per_block)} blocks but --num_blocks is {self.num_blocks}: drop --num_blocks or make them agree")
+                raise UserError(
+                    f"--layers_per_block {layout} has {len(self.layers_per_block)} blocks but --num_blocks is "
+                    f"{self.num_blocks}: drop --num_blocks or make them agree"
+                )
             if min(self.layers_per_block) < 1 or sum(self.layers_per_block) != num_layers:
-                raise UserError(f"--layers_per_block {layout} must be positive numbers summing to --num_hidden_layers {num_layers}")
+                raise UserError(
+                    f"--layers_per_block {layout} must be positive numbers summing to --num_hidden_layers {num_layers}"
+                )
         elif num_layers % self.num_blocks:
             raise UserError(
                 f"--num_hidden_layers {num_layers} is not divisible by --num_blocks {self.num_blocks}: "
@@ -85,7 +94,8 @@ def resolve_num_blocks(num_blocks: int | None, layout: tuple[int, ...] | None) -
     """B: --num_blocks if given (it must agree with --layers_per_block), else the layout's length, else 3."""
     if layout is not None and num_blocks is not None and num_blocks != len(layout):
         raise UserError(
-            f"--num_blocks {num_blocks} disagrees with --layers_per_block {','.join(map(str, layout))} ({len(layout)} blocks): drop one of them"
+            f"--num_blocks {num_blocks} disagrees with --layers_per_block {','.join(map(str, layout))} "
+            f"({len(layout)} blocks): drop one of them"
         )
     return num_blocks or (len(layout) if layout else 3)
 
@@ -372,7 +382,7 @@ def block_table(model: NoisePartition) -> list[dict]:
 
 
 def block_for_step(seed: int, step: int, num_blocks: int) -> int:
-    """Block trained at optimizer step `step`: a pure function of (seed, step), the same on every rank and after resume."""
+    """Block trained at optimizer step `step`: a function of (seed, step) alone, so alike on every rank and resume."""
     g = torch.Generator().manual_seed(mix_seed(seed, step))
     return int(torch.randint(num_blocks, (1,), generator=g))
 

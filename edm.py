@@ -92,7 +92,7 @@ PARTITIONS = ("equiprob", "uniform")
 
 
 def block_boundaries(num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
-    """Equi-probability boundaries sigma_0 < ... < sigma_B (ascending) splitting the truncated log-normal into B equal masses."""
+    """Equi-probability boundaries sigma_0 < ... < sigma_B (ascending): the truncated log-normal in B equal masses."""
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     q_lo, q_hi = cdf_range(cfg)
@@ -101,7 +101,7 @@ def block_boundaries(num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[floa
 
 
 def uniform_boundaries(num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
-    """Boundaries at equal intervals of log sigma between sigma_min and sigma_max (the paper's uniform partition), ascending."""
+    """Ascending boundaries equally spaced in log sigma from sigma_min to sigma_max (the paper's uniform partition)."""
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     lo, hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
@@ -124,7 +124,9 @@ def block_range(block: int, bounds: list[float]) -> tuple[float, float]:
     return bounds[k], bounds[k + 1]
 
 
-def widened_block_range(block: int, bounds: list[float], gamma: float, cfg: EDMConfig = EDMConfig()) -> tuple[float, float]:
+def widened_block_range(
+    block: int, bounds: list[float], gamma: float, cfg: EDMConfig = EDMConfig()
+) -> tuple[float, float]:
     """Block range widened by gamma * ln(hi/lo) on each side in log space, clipped to [sigma_min, sigma_max]."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
@@ -172,7 +174,7 @@ def sample_truncated_lognormal(
 
 
 def inference_sigmas(num_steps: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
-    """Inference grid: num_steps sigmas equally spaced in CDF space from sigma_max down to sigma_min, endpoints included."""
+    """Inference grid: num_steps sigmas equally spaced in CDF space from sigma_max down to sigma_min, both included."""
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
     q_lo, q_hi = cdf_range(cfg)

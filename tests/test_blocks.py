@@ -1,6 +1,7 @@
 """Block layout (--layers_per_block), noise partition (--partition), blocks.json, one block per optimizer step, the
 EDM preconditioning around the backbone and the sampler's trajectory."""
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,9 @@ import edm
 from cli_helpers import assert_one_line_error, cifar_dir, run_cli, traced_training, train_args  # noqa: F401 (fixture)
 from vit import ArchConfig
 
-ARCH = ArchConfig(hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16)
+ARCH = ArchConfig(
+    hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16
+)
 SPEC_RANGES = {  # SPEC section 4, block 0 first
     2: [(0.3012001, 80.0), (0.002, 0.3012001)],
     3: [(0.50504146, 80.0), (0.17963247, 0.50504146), (0.002, 0.17963247)],
@@ -41,7 +44,8 @@ def test_uneven_layout_builds_those_layers_with_the_same_parameter_count():
 
 @pytest.mark.parametrize("num_blocks", sorted(SPEC_RANGES))
 def test_block_table_matches_spec(num_blocks):
-    table = dblock.block_table(model(num_blocks=num_blocks, layers_per_block=None if 6 % num_blocks == 0 else (1, 1, 2, 2)))
+    layout = None if 6 % num_blocks == 0 else (1, 1, 2, 2)
+    table = dblock.block_table(model(num_blocks=num_blocks, layers_per_block=layout))
     assert [row["block"] for row in table] == list(range(num_blocks))
     assert sum(len(row["layers"]) for row in table) == 6 and table[0]["layers"][0] == 0
     for row, (lo, hi) in zip(table, SPEC_RANGES[num_blocks], strict=True):
@@ -121,7 +125,8 @@ def test_assembled_blocks_denoise_with_the_member_that_trained_the_block():
         want_D_x, want_logits = members[1].denoise_and_classify(x, z, sigma, 1)
         assert torch.equal(D_x, want_D_x) and torch.equal(logits, want_logits)
         assert torch.equal(assembled(x, z, sigma, 1), want_logits)
-        assert torch.equal(assembled.denoise_and_classify(x, z, sigma, 0)[0], members[0].denoise_and_classify(x, z, sigma, 0)[0])
+        D_x0 = assembled.denoise_and_classify(x, z, sigma, 0)[0]
+        assert torch.equal(D_x0, members[0].denoise_and_classify(x, z, sigma, 0)[0])
 
 
 def test_sampler_trajectory_ends_in_the_sampled_logits():
@@ -133,10 +138,10 @@ def test_sampler_trajectory_ends_in_the_sampled_logits():
     assert [s.block for s in steps] == [0, 0, 1, 2, 2]  # as test_inference_routing_follows_the_partition
     assert torch.equal(steps[-1].logits, dblock.sample_logits(m, x, 5, 1.5, generator=torch.Generator().manual_seed(7)))
     # Each state is the Euler step from the previous one toward its bridge estimate softmax(logits) @ table.
-    for before, after in zip(steps, steps[1:]):
+    for before, after in itertools.pairwise(steps):
         assert torch.equal(after.z, edm.euler_step(before.z, before.denoised, before.sigma, after.sigma))
     assert torch.allclose(steps[2].denoised, steps[2].logits.softmax(dim=-1) @ m.label_embed.weight)
-    assert all(not torch.equal(a.logits, b.logits) for a, b in zip(steps, steps[1:]))
+    assert all(not torch.equal(a.logits, b.logits) for a, b in itertools.pairwise(steps))
 
 
 def test_training_sigmas_follow_the_partition():
@@ -164,7 +169,8 @@ def test_training_reduces_the_per_sample_losses_as_the_flag_says(cifar_dir, caps
 
 
 def test_cli_writes_blocks_json_and_checkpoint_records_the_layout(cifar_dir, capsys):
-    code, out, err = run_cli(train_args(cifar_dir, "uneven", "--layers_per_block", "3,2,1", "--partition", "uniform", model_type="dblock"), capsys)
+    args = train_args(cifar_dir, "uneven", "--layers_per_block", "3,2,1", "--partition", "uniform", model_type="dblock")
+    code, out, err = run_cli(args, capsys)
     assert code == 0, err
     table = json.loads(Path("logs/uneven/blocks.json").read_text())["blocks"]
     assert [row["layers"] for row in table] == [[0, 1, 2], [3, 4], [5]]
@@ -176,11 +182,13 @@ def test_cli_writes_blocks_json_and_checkpoint_records_the_layout(cifar_dir, cap
     code, _, err = run_cli(["test", "cifar100", "--ckpt_path", "logs/uneven/last.ckpt", "--data_dir", cifar_dir,
                             "--num_workers", "0", "--accelerator", "cpu"], capsys)
     assert code == 0, err
-    code, _, err = run_cli(train_args(cifar_dir, "x", "--ckpt_path", "logs/uneven/last.ckpt", "--layers_per_block", "3,2,1",
+    code, _, err = run_cli(train_args(cifar_dir, "x", "--ckpt_path", "logs/uneven/last.ckpt",
+                                      "--layers_per_block", "3,2,1",
                                       "--partition", "uniform", model_type="dblock", steps=3), capsys)
     assert code == 0, err
     assert torch.load("logs/uneven/last.ckpt", weights_only=True)["global_step"] == 9
-    code, _, err = run_cli(train_args(cifar_dir, "x", "--ckpt_path", "logs/uneven/last.ckpt", model_type="dblock", steps=4), capsys)
+    args = train_args(cifar_dir, "x", "--ckpt_path", "logs/uneven/last.ckpt", model_type="dblock", steps=4)
+    code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, "layers_per_block=[3, 2, 1]", "layers_per_block=None")
 
 
@@ -190,7 +198,8 @@ def test_cli_writes_blocks_json_and_checkpoint_records_the_layout(cifar_dir, cap
         (["--layers_per_block", "3,2"], "must be positive numbers summing to --num_hidden_layers 6"),
         (["--layers_per_block", "4,-1,3"], "must be positive numbers"),
         (["--layers_per_block", "3,x,1"], "comma-separated integers"),
-        (["--layers_per_block", "2,2,2", "--num_blocks", "2"], "--num_blocks 2 disagrees with --layers_per_block 2,2,2"),
+        (["--layers_per_block", "2,2,2", "--num_blocks", "2"],
+         "--num_blocks 2 disagrees with --layers_per_block 2,2,2"),
         (["--partition", "linear"], "partition"),
     ],
 )

@@ -105,7 +105,8 @@ def test_scalings_match_hand_values(sigma):
     for name, value, want in zip(("c_skip", "c_out", "c_in", "c_noise"), got, HAND_SCALINGS[sigma], strict=True):
         assert value.item() == pytest.approx(want, rel=1e-12), name
     # sigma_data is passed through: c_skip = 1 / (sigma^2 + 1) at sigma_data 1.
-    assert edm.scalings(torch.tensor([sigma], dtype=torch.float64), 1.0)[0].item() == pytest.approx({0.5: 0.8, 2.0: 0.2}[sigma])
+    c_skip_at_1 = edm.scalings(torch.tensor([sigma], dtype=torch.float64), 1.0)[0].item()
+    assert c_skip_at_1 == pytest.approx({0.5: 0.8, 2.0: 0.2}[sigma])
 
 
 def test_preconditioning_limits_and_identities():

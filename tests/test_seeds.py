@@ -37,6 +37,10 @@ def test_noise_generators_are_pinned():
     assert first_draws(42, 5, 0, 1) == [0.4941222071647644, 0.4420766830444336]
     assert first_draws(7, 123, 3, 2) == [0.29036253690719604, 0.2112751603126526]
     assert first_draws(BIG_SEED, 3, 1, 1) == [0.3951262831687927, 0.19150090217590332]
+    # CPU generators read only a seed's low 32 bits; CUDA generators read all 64, so pin the seeds themselves too.
+    cpu = torch.device("cpu")
+    assert noise_generator(42, 5, 1, 0, cpu).initial_seed() == 42_929_047_898_340
+    assert noise_generator(BIG_SEED, 3, 1, 1, cpu).initial_seed() == 8_100_093_226_407_087_589
 
 
 def test_data_order_and_sample_seeds_are_pinned():
