@@ -318,8 +318,8 @@ class DiffusionBlocksViT(NoisePartition, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The denoised label state D_x = c_skip * z + c_out * F_x (N, D) and its logits (N, num_labels), from one pass.
 
-        The EDM preconditioning wrapped around the backbone, as NVlabs/edm's EDMPrecond: scalings in fp32, only
-        the backbone's layers follow autocast.
+        The EDM preconditioning wrapped around the backbone, as NVlabs/edm's EDMPrecond: the scalings and D_x are
+        computed in fp32 whatever autocast does to the backbone's and the head's layers.
         """
         if block not in self.built_blocks:
             raise ValueError(f"block {block} is not built in this model (it holds blocks {list(self.built_blocks)})")
