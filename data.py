@@ -25,6 +25,7 @@ from torchvision.datasets.utils import calculate_md5, check_md5
 
 from errors import UserError
 from flags import Augment, Data
+from seeds import mix_seed
 
 DATASETS = get_args(Data)
 # The released recipe normalises Tiny-ImageNet with the ImageNet statistics and CIFAR with CIFAR-100's.
@@ -197,10 +198,10 @@ class ResumableShuffleSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self):
         epoch, first_batch = self.position()
-        epoch_seed = (self.seed * 1_000_003 + epoch) % (2**62)
+        epoch_seed = mix_seed(self.seed, epoch, bits=62)
         order = torch.randperm(self.length, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
         for pos in range(first_batch * self.batch_size, self.length):
-            yield order[pos], (epoch_seed * 1_000_033 + pos) % (2**62)
+            yield order[pos], mix_seed(epoch_seed, pos, multiplier=1_000_033, bits=62)
 
 
 def distributed() -> bool:

@@ -16,6 +16,7 @@ from torch import nn
 
 import dblock
 from config import ModelSpec
+from dblock import block_for_step, noise_generator
 from errors import UserError
 from vit import ArchConfig, ViTClassifier
 
@@ -37,19 +38,6 @@ class StepLoss:
     logged: dict[str, torch.Tensor]  # metric name -> value, e.g. {"train/loss": ..., "train/ce_loss": ...}
     block: int | None = None
     sigma: torch.Tensor | None = None
-
-
-def block_for_step(seed: int, step: int, num_blocks: int) -> int:
-    """Block trained at optimizer step `step`: pure in (seed, step), the same on every rank and after resume."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
-    return int(torch.randint(num_blocks, (1,), generator=g))
-
-
-def noise_generator(seed: int, step: int, rank: int, micro_batch: int, device: torch.device) -> torch.Generator:
-    """Generator of one micro-batch's sigmas, noise and image dropout: derived from (seed, step, rank, micro-batch),
-    so DDP ranks draw different noise and a resumed run draws exactly what the straight run would."""
-    key = ((seed * 1_000_003 + step) * 1_009 + rank) * 1_013 + micro_batch
-    return torch.Generator(device=device).manual_seed(key % (2**63))
 
 
 def check_train_blocks(train_blocks: list[int] | None, num_blocks: int) -> None:
@@ -167,10 +155,11 @@ class DBlockObjective:
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, where: StepIndex, block) -> StepLoss:
         """Weighted cross-entropy of `block`; sigmas, noise and image dropout from the micro-batch's own generator."""
         g = noise_generator(self.spec.model.seed, where.step, where.rank, where.micro_batch, images.device)
-        loss, ce, sigma = dblock.training_loss(
+        ce, weight, sigma = dblock.block_losses(
             model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout
         )
-        return StepLoss(loss, {"train/loss": loss, "train/ce_loss": ce}, block=block, sigma=sigma)
+        loss = dblock.reduce_loss(ce, weight, self.spec.dblock.batch_mean_loss_weight)
+        return StepLoss(loss, {"train/loss": loss, "train/ce_loss": ce.mean()}, block=block, sigma=sigma)
 
     def predict(self, model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The Euler sampler's logits, its starting noise drawn from `generator`."""

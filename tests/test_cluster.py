@@ -68,14 +68,14 @@ def test_batch_job_prints_one_line_progress(cifar_dir, capsys):
 def test_non_finite_loss_stops_with_step_block_and_last_good_checkpoint(cifar_dir, capsys, monkeypatch):
     import dblock
 
-    real, calls = dblock.training_loss, []
+    real, calls = dblock.reduce_loss, []
 
     def poisoned(*args, **kwargs):
-        loss, *rest = real(*args, **kwargs)
+        loss = real(*args, **kwargs)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == 6 else loss, *rest)
+        return loss * float("nan") if len(calls) == 6 else loss
 
-    monkeypatch.setattr(dblock, "training_loss", poisoned)
+    monkeypatch.setattr(dblock, "reduce_loss", poisoned)
     code, _, err = run_cli(train_args(cifar_dir, "nan", "--save_every_n_epochs", "1", model_type="dblock", steps=4), capsys)
     assert code == 2 and "Traceback" not in err
     # Training had started, so Lightning's own notices may precede it; the error itself is one last line.
@@ -191,12 +191,12 @@ def test_gradients_are_cleared_before_each_forward(cifar_dir, capsys, monkeypatc
     """The previous step's gradients are freed before the next forward (less peak memory, safe weight offload)."""
     import dblock
 
-    real, stale = dblock.training_loss, []
+    real, stale = dblock.block_losses, []
 
     def watching(model, *args, **kwargs):
         stale.append(any(p.grad is not None for p in model.parameters()))
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(dblock, "training_loss", watching)
+    monkeypatch.setattr(dblock, "block_losses", watching)
     assert run_cli(train_args(cifar_dir, "grads", "--offload_weights", "true", model_type="dblock", steps=2), capsys)[0] == 0
     assert len(stale) == 6 and not any(stale)

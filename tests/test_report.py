@@ -13,8 +13,8 @@ import dblock
 import main
 import report
 from cli_helpers import assert_one_line_error, run_cli, train_args
+from dblock import block_for_step
 from experiment import RUN_NAME_ENV
-from objectives import block_for_step
 from synthetic import write_cifar
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,14 +28,14 @@ def train_in_process(args: list) -> int:
 
 def poison_loss(mp: pytest.MonkeyPatch, at_call: int) -> None:
     """Make dblock's training loss non-finite on its `at_call`-th evaluation: train stops there with a UserError."""
-    real, calls = dblock.training_loss, []
+    real, calls = dblock.reduce_loss, []
 
     def poisoned(*args, **kwargs):
-        loss, *rest = real(*args, **kwargs)
+        loss = real(*args, **kwargs)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == at_call else loss, *rest)
+        return loss * float("nan") if len(calls) == at_call else loss
 
-    mp.setattr(dblock, "training_loss", poisoned)
+    mp.setattr(dblock, "reduce_loss", poisoned)
 
 
 @pytest.fixture(scope="module")
