@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from errors import UserError, check_at_least
-from fileio import write_atomic
+from fileio import check_writable, write_output
 from flags import Accelerator, Data, Precision
 
 CUDA_METHOD = "cuda allocator peak"
@@ -201,17 +201,6 @@ def check_blocks(num_blocks: int, layout: tuple[int, ...] | None, num_layers: in
     from dblock import DBlockConfig
 
     DBlockConfig(num_blocks=num_blocks, layers_per_block=layout).validate(num_layers)
-
-
-def check_writable(flag: str, path: str) -> None:
-    """Fail now, in one line, if `path` cannot receive a file (rather than after minutes of measuring)."""
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{flag} {path} is a folder: give a file name")
-    if not target.parent.is_dir():
-        raise UserError(f"{flag} {path}: folder {target.parent} does not exist: create it or choose another path")
-    if not os.access(target.parent, os.W_OK):
-        raise UserError(f"{flag} {path}: folder {target.parent} is not writable: choose another path")
 
 
 def resolve_device(accelerator: str):
@@ -639,11 +628,3 @@ def save_plot(report: dict, f) -> None:
     ax.set_title(f"Training-step memory, {c['data']}, batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)} ({report['method'].split(':')[0]})", fontsize=9)
     ax.legend()
     fig.savefig(f, format="png", dpi=120)
-
-
-def write_output(path: str, flag: str, write: Callable[[Any], Any]) -> None:
-    """Write an output file atomically; an unwritable path becomes a one-line error naming the flag."""
-    try:
-        write_atomic(path, write)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write ({e.strerror or e}): choose another path") from None

@@ -313,7 +313,7 @@ def test(
 
     from data import ImageDataModule
     from experiment import make_trainer, module_from_checkpoint, write_metrics, write_predictions
-    from hub import resolve_checkpoint
+    from hub.resolve import resolve_checkpoint
 
     check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
     ckpt, run_dir = resolve_checkpoint(ckpt_path)  # a .ckpt file, a folder written by push, or hf://OWNER/NAME[@REVISION]
@@ -361,7 +361,7 @@ def push(
     """
     import inspect
 
-    from hub import push as push_model
+    from hub.publish import push as push_model
 
     defaults = {name: p.default for name, p in inspect.signature(train).parameters.items() if p.default is not p.empty}
     return push_model(

@@ -19,8 +19,11 @@ from cli_helpers import assert_one_line_error, read_metrics, run_cli, train_args
 from conftest import OFFLINE_ENV
 from fake_hub import FakeHub
 from synthetic import write_cifar
+from test_report import parse_table
 
 MODEL_TYPES = ("vit", "dblock")
+# The dblock run: a non-default switch for the card, and an uneven block layout of 12 layers.
+DBLOCK_FLAGS = ["--batch_mean_loss_weight", "false", "--num_hidden_layers", "12", "--layers_per_block", "6,4,2"]
 PUSHED_FILES = {".gitattributes", "README.md", "config.json", "model.safetensors", "config.yaml", "metrics.json"}
 
 
@@ -35,7 +38,7 @@ def trained(tmp_path_factory) -> Path:
         mp.chdir(root)
         data = write_cifar(root / "data", "cifar100", n_train=32, n_test=12)
         for model_type in MODEL_TYPES:
-            extra = ["--batch_mean_loss_weight", "false"] if model_type == "dblock" else []  # a non-default switch for the card
+            extra = DBLOCK_FLAGS if model_type == "dblock" else []
             assert main.main([str(a) for a in train_args(data, model_type, *extra, model_type=model_type)]) == 0
     return root
 
@@ -204,6 +207,37 @@ def test_dry_run_writes_a_complete_model_folder(workdir, trained, fake_hub, monk
     assert code == 0, err
     assert "--batch_mean_loss_weight false" in command
     assert yaml.safe_load(printed) == yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_uneven_block_layout_on_the_card_and_in_the_report(workdir, capsys):
+    """--layers_per_block 6,4,2: the card and the report describe the layout the model has, not an even split."""
+    assert run_cli(["push", "logs/dblock", "--repo_id", "me/db", "--dry_run", "out"], capsys)[0] == 0
+    card = ModelCard.load("out/README.md")
+    assert "| layers / hidden size / heads / MLP width | 12 / 24 / 2 / 48 |" in card.text
+    assert "| blocks B (layers per block) | 3 (6,4,2) |" in card.text
+    assert "its 12 transformer layers are split into 3 blocks of 6, 4, 2 layers (block 0 first)" in card.text
+    assert "architecture or block layout differs from the paper's" in card.text
+    for source in ("blocks.json", "config.yaml"):  # the model's block table, then (without it) the run's flags
+        code, out, err = run_cli(["report", "logs/dblock"], capsys)
+        assert code == 0, err
+        assert parse_table(out)[0]["blocks (layers)"] == "3 (6,4,2)", source
+        Path("logs/dblock/blocks.json").unlink(missing_ok=True)
+
+
+def test_card_compares_with_the_paper_only_for_the_papers_model():
+    from hub.card import paper_comparison
+    from vit import default_arch
+
+    dblock = {"model_type": "dblock", "arch": default_arch("cifar100").to_dict()}
+    paper, row, note = paper_comparison("cifar100", dblock, [4, 4, 4])
+    assert (paper, row) == (59.30, "ViT + DiffusionBlocks, B = 3") and note.startswith("Same architecture")
+    paper, row, note = paper_comparison("cifar100", dblock, [6, 4, 2])  # same depth and B, another layout
+    assert (paper, row) == (59.30, "ViT + DiffusionBlocks, B = 3") and "not directly comparable" in note
+    vit = {"model_type": "vit", "arch": default_arch("tiny-imagenet").to_dict()}
+    paper, row, note = paper_comparison("tiny-imagenet", vit, [12])
+    assert (paper, row) == (35.32, "ViT, end-to-end") and note.startswith("Same architecture")
+    paper, _, note = paper_comparison("cifar10", dblock, [4, 4, 4])
+    assert paper is None and note == "The paper reports no dblock result on this dataset."
 
 
 def test_dry_run_folder_tests_like_its_run(workdir, trained, capsys):

@@ -239,10 +239,26 @@ def test_no_run_folder_is_an_argument_error(capsys, tmp_path):
     assert_one_line_error(code, err, "at least one run folder")
 
 
-def test_default_depth_matches_the_architecture():
-    from vit import ArchConfig
-
-    assert report.DEFAULT_DEPTH == ArchConfig().num_hidden_layers
+def test_config_of_an_older_run_reads_the_defaults(runs, tmp_path, capsys):
+    """A config.yaml written before --partition, --augment and --layers_per_block existed, with depth and block count
+    left at null: the defaults the model applies (the paper's 12 layers, 3 blocks of 4)."""
+    run = copy_run(runs, "dblock", "older", tmp_path)
+    (run / "blocks.json").unlink()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("partition", "augment", "layers_per_block", "gamma"):
+        del config[key]
+    config.update(num_hidden_layers=None, num_blocks=None)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(["report", run], capsys)
+    assert code == 0, err
+    row = parse_table(out)[0]
+    assert (row["blocks (layers)"], row["partition"], row["augment"], row["gamma"]) == ("3 (4,4,4)", "equiprob", "released", "0.05")
+    assert row["epochs (planned)"] == "1500"
+    config.update(num_hidden_layers=6, num_blocks=4)  # a split train refuses: the report says why, naming the file
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(["report", run], capsys)
+    assert_one_line_error(code, err, str(run / "config.yaml"), "--num_hidden_layers 6 is not divisible by --num_blocks 4")
+    assert out == ""
 
 
 def test_checkpoint_counters_match_torch(runs):
