@@ -13,8 +13,14 @@ This file holds what both directions share: the files of a model folder and the 
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator
+
+import httpx2  # the HTTP client of huggingface_hub: its transport errors mean the Hub could not be reached
 from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError
+
+from errors import UserError
 
 HF_SCHEME = "hf://"
 CONFIG_FILE = constants.CONFIG_NAME  # config.json
@@ -27,3 +33,21 @@ def hub_answer(err: HfHubHTTPError) -> str:
     status = err.response.status_code if err.response is not None else "no answer"
     message = (err.server_message or str(err)).split("\n")[0]
     return " ".join(f"HTTP {status} {message}".split())
+
+
+@contextlib.contextmanager
+def talking_to_hub(
+    failed: str, endpoint: str, hint: Callable[[HfHubHTTPError], str] = lambda err: ""
+) -> Iterator[None]:
+    """Turn a refused request (`failed`: what did not happen) or an unreachable Hub into a one-line error.
+
+    Requests that fail in ways with their own advice catch those errors first, inside the block.
+    """
+    try:
+        yield
+    except HfHubHTTPError as err:
+        raise UserError(f"{failed}: {hub_answer(err)}{hint(err)}") from None
+    except httpx2.TransportError as err:
+        raise UserError(
+            f"cannot reach the Hub at {endpoint} ({type(err).__name__}): check the network or HF_ENDPOINT"
+        ) from None

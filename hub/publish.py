@@ -8,7 +8,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2  # the HTTP client of huggingface_hub: its transport errors mean the Hub could not be reached
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
@@ -17,7 +16,7 @@ from data import normalization
 from errors import UserError
 from experiment import module_from_checkpoint, read_checkpoint
 from fileio import read_mapping, write_folder_atomic
-from hub import CONFIG_FILE, DATASET_KEY, HF_SCHEME, WEIGHTS_FILE, hub_answer
+from hub import CONFIG_FILE, DATASET_KEY, HF_SCHEME, WEIGHTS_FILE, talking_to_hub
 from hub.card import model_card, train_command
 
 
@@ -131,20 +130,15 @@ def build_model_folder(folder: Path, run: Run, *, repo_id: str, include_checkpoi
 def upload(folder: Path, *, repo_id: str, private: bool, token: str) -> str:
     """Create the repository if needed and commit the folder to it; returns the commit's URL."""
     api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private or None, exist_ok=True)
-        message = "Upload model with `main.py push`"
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
-    except OfflineModeIsEnabled:
-        raise UserError(
-            "HF_HUB_OFFLINE=1 forbids uploading: unset it to push, or write the folder only with --dry_run FOLDER"
-        ) from None
-    except HfHubHTTPError as err:
-        raise UserError(f"pushing to {repo_id} failed: {hub_answer(err)}{upload_hint(err)}") from None
-    except httpx2.TransportError as err:
-        raise UserError(
-            f"cannot reach the Hub at {api.endpoint} ({type(err).__name__}): check the network or HF_ENDPOINT"
-        ) from None
+    with talking_to_hub(f"pushing to {repo_id} failed", api.endpoint, upload_hint):
+        try:
+            api.create_repo(repo_id, private=private or None, exist_ok=True)
+            message = "Upload model with `main.py push`"
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
+        except OfflineModeIsEnabled:
+            raise UserError(
+                "HF_HUB_OFFLINE=1 forbids uploading: unset it to push, or write the folder only with --dry_run FOLDER"
+            ) from None
     return commit.commit_url
 
 

@@ -6,11 +6,9 @@ import re
 import typing
 from pathlib import Path
 
-import httpx2  # the HTTP client of huggingface_hub: its transport errors mean the Hub could not be reached
 from huggingface_hub import HfApi, constants, hf_hub_download, parse_hf_uri
 from huggingface_hub.errors import (
     EntryNotFoundError,
-    HfHubHTTPError,
     HfUriError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
@@ -24,7 +22,7 @@ from safetensors.torch import load_file
 from errors import UserError
 from experiment import LOGS_DIR, read_checkpoint
 from fileio import read_mapping
-from hub import CONFIG_FILE, DATASET_KEY, HF_SCHEME, WEIGHTS_FILE, hub_answer
+from hub import CONFIG_FILE, DATASET_KEY, HF_SCHEME, WEIGHTS_FILE, talking_to_hub
 from flags import ModelType
 
 
@@ -83,28 +81,25 @@ def download_model(uri: str) -> Path:
     branch moves; offline (HF_HUB_OFFLINE=1 or no network) the cached copy is used.
     """
     repo_id, revision = parse_model_uri(uri)
-    try:
-        resolved = HfApi().resolve_revision(repo_id, revision=revision)
-        paths = [hf_hub_download(repo_id, name, revision=resolved) for name in (CONFIG_FILE, WEIGHTS_FILE)]
-    except RevisionNotFoundError:
-        raise UserError(
-            f"{uri}: revision {revision!r} does not exist in {repo_id}: use a branch, tag or commit of it"
-        ) from None
-    except RepositoryNotFoundError:
-        raise UserError(
-            f"{uri}: repository {repo_id} not found on {constants.ENDPOINT} (or it is private and your token cannot "
-            "read it): check the name, or log in with `hf auth login` or HF_TOKEN"
-        ) from None
-    except (RevisionResolutionError, LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise unreachable(uri) from None
-    except EntryNotFoundError:
-        raise UserError(f"{uri} has no {CONFIG_FILE} or {WEIGHTS_FILE}: it was not written by `main.py push`") from None
-    except HfHubHTTPError as err:
-        raise UserError(f"downloading {uri} failed: {hub_answer(err)}") from None
-    except httpx2.TransportError as err:
-        raise UserError(
-            f"cannot reach the Hub at {constants.ENDPOINT} ({type(err).__name__}): check the network or HF_ENDPOINT"
-        ) from None
+    with talking_to_hub(f"downloading {uri} failed", constants.ENDPOINT):
+        try:
+            resolved = HfApi().resolve_revision(repo_id, revision=revision)
+            paths = [hf_hub_download(repo_id, name, revision=resolved) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+        except RevisionNotFoundError:
+            raise UserError(
+                f"{uri}: revision {revision!r} does not exist in {repo_id}: use a branch, tag or commit of it"
+            ) from None
+        except RepositoryNotFoundError:
+            raise UserError(
+                f"{uri}: repository {repo_id} not found on {constants.ENDPOINT} (or it is private and your token "
+                "cannot read it): check the name, or log in with `hf auth login` or HF_TOKEN"
+            ) from None
+        except (RevisionResolutionError, LocalEntryNotFoundError, OfflineModeIsEnabled):
+            raise unreachable(uri) from None
+        except EntryNotFoundError:
+            raise UserError(
+                f"{uri} has no {CONFIG_FILE} or {WEIGHTS_FILE}: it was not written by `main.py push`"
+            ) from None
     return Path(paths[0]).parent  # one commit, so one snapshot folder of the cache holds both files
 
 
