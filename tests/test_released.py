@@ -107,3 +107,22 @@ def test_foreign_checkpoint_keeps_the_one_line_error(tmp_path, cifar10_dir, caps
     torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}, "hyper_parameters": {"lr": 1}}, tmp_path / "other.ckpt")
     code, _, err = run_cli(["test", "cifar10", "--ckpt_path", tmp_path / "other.ckpt", "--data_dir", cifar10_dir, *TEST_FLAGS], capsys)
     assert_one_line_error(code, err, "was not written by this program's train command")
+
+
+def test_released_flags_carry_over_and_absent_ones_take_the_released_defaults():
+    raw = released_ckpt("released_dblock_weights.safetensors", "dblock")  # records no seed, gamma or sampler flags
+    module = LitClassifier(**released.convert_checkpoint(raw, "x")["hyper_parameters"])
+    carried = ("seed", "gamma", "cfg_scale", "num_inference_steps")
+    assert tuple(module.hparams[k] for k in carried) == (42, 0.05, 0.0, None)
+    raw["hyper_parameters"].update(seed="7", gamma="0.1", cfg_scale=1, num_inference_steps="5")
+    hparams = released.convert_checkpoint(raw, "x")["hyper_parameters"]
+    assert [(hparams[k], type(hparams[k])) for k in carried] == [(7, int), (0.1, float), (1.0, float), (5, int)]
+    vit = released.convert_checkpoint(released_ckpt("released_vit_weights.safetensors", "vit"), "x")["hyper_parameters"]
+    assert "gamma" not in vit and "num_blocks" not in vit  # dblock's flags stay out of a vit model
+
+
+def test_released_architectures_by_image_size():
+    """SPEC section 2: the released program's 32 px (CIFAR) and 64 px (Tiny-ImageNet) models."""
+    shapes = {size: (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.intermediate_size, a.patch_size)
+              for size, a in released.RELEASED_ARCH.items()}
+    assert shapes == {32: (128, 12, 4, 3072, 4), 64: (768, 12, 12, 3072, 4)}
