@@ -30,7 +30,8 @@ PUSHED_FILES = {".gitattributes", "README.md", "config.json", "model.safetensors
 # ---- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A folder with a synthetic CIFAR-100 in data/ and one tiny run per model type in logs/<model_type>/, trained once."""
+    """A folder with a synthetic CIFAR-100 in data/ and one tiny run per model type in logs/<model_type>/, trained
+    once."""
     root = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
         for key, value in OFFLINE_ENV.items():
@@ -59,7 +60,8 @@ def fake_hub():
 
 
 def use_hub_environment(monkeypatch, **env: str | None) -> None:
-    """Set (or, with None, unset) HF_* variables, and the huggingface_hub constants a fresh import would derive from them.
+    """Set (or, with None, unset) HF_* variables, and the huggingface_hub constants a fresh import would derive from
+    them.
 
     huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE ... once, at import; a new process (the CLI) gets
     them from the environment, so here they are recomputed by executing the constants module again.
@@ -83,14 +85,16 @@ def use_hub_environment(monkeypatch, **env: str | None) -> None:
 def hub_env(monkeypatch, tmp_path, fake_hub) -> FakeHub:
     """The Hub client pointed at the fake Hub, online, with an empty cache of its own and a valid token."""
     use_hub_environment(
-        monkeypatch, HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_TOKEN=fake_hub.token, HF_HUB_OFFLINE=None
+        monkeypatch, HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_TOKEN=fake_hub.token,
+        HF_HUB_OFFLINE=None,
     )
     return fake_hub
 
 
 def run_test(ckpt_path, data_dir: Path, capsys) -> tuple[int, str, str]:
     """`main.py test cifar100 --ckpt_path ...` on the synthetic data."""
-    return run_cli(["test", "cifar100", "--ckpt_path", ckpt_path, "--data_dir", data_dir, "--num_workers", "0", "--accelerator", "cpu"], capsys)
+    args = ["--ckpt_path", ckpt_path, "--data_dir", data_dir, "--num_workers", "0", "--accelerator", "cpu"]
+    return run_cli(["test", "cifar100", *args], capsys)
 
 
 def repo_files(hub: FakeHub, repo_id: str) -> dict[str, bytes]:
@@ -108,7 +112,8 @@ def logits_on_test_split(module, data_dir: Path) -> torch.Tensor:
     """The module's logits on the synthetic test split (the dblock sampler's noise seeded alike for every module)."""
     from data import ImageDataModule
 
-    dm = ImageDataModule("cifar100", data_dir=data_dir, batch_size=12, num_workers=0, image_size=module.hparams.arch["image_size"])
+    image_size = module.hparams.arch["image_size"]
+    dm = ImageDataModule("cifar100", data_dir=data_dir, batch_size=12, num_workers=0, image_size=image_size)
     dm.setup("test")
     images = torch.cat([x for x, _ in dm.test_dataloader()])
     torch.manual_seed(0)
@@ -131,7 +136,8 @@ def test_pushed_model_scores_exactly_like_its_run(workdir, trained, hub_env, cap
     assert code == 0, err
     assert f"--ckpt_path hf://me/{model_type}" in out
     dblock_files = {"blocks.json"} if model_type == "dblock" else set()  # train writes it for dblock runs
-    assert set(repo_files(hub_env, f"me/{model_type}")) == PUSHED_FILES | dblock_files  # no .ckpt without --include_checkpoint
+    # No .ckpt without --include_checkpoint.
+    assert set(repo_files(hub_env, f"me/{model_type}")) == PUSHED_FILES | dblock_files
 
     code, _, err = run_test(f"hf://me/{model_type}", data, capsys)
     assert code == 0, err
@@ -172,10 +178,13 @@ def test_private_repository_needs_the_token(workdir, trained, hub_env, monkeypat
 
 # ---- the model folder ----------------------------------------------------------------------------
 def test_dry_run_writes_a_complete_model_folder(workdir, trained, fake_hub, monkeypatch, capsys):
-    use_hub_environment(monkeypatch, HF_ENDPOINT=fake_hub.url, HF_HOME=str(workdir / "hf-home"), HF_TOKEN=None, HF_HUB_OFFLINE=None)
+    use_hub_environment(
+        monkeypatch, HF_ENDPOINT=fake_hub.url, HF_HOME=str(workdir / "hf-home"), HF_TOKEN=None, HF_HUB_OFFLINE=None
+    )
     run = Path("logs/dblock")
     (run / "blocks.json").write_text('{"blocks": "per-block record"}')
-    metrics = {**read_metrics(run / "metrics.json"), "test/acc": 5 / 12}  # the tiny run scores 0; the card must carry any value
+    # The tiny run scores 0; the card must carry any value.
+    metrics = {**read_metrics(run / "metrics.json"), "test/acc": 5 / 12}
     (run / "metrics.json").write_text(json.dumps(metrics))
     code, out, err = run_cli(["push", run, "--repo_id", "me/db", "--dry_run", "out", "--include_checkpoint"], capsys)
     assert code == 0, err  # no token needed: nothing is uploaded
@@ -195,7 +204,8 @@ def test_dry_run_writes_a_complete_model_folder(workdir, trained, fake_hub, monk
     assert card.data.license == "apache-2.0" and card.data.library_name == "pytorch"
     assert card.data.datasets == ["uoft-cs/cifar100"] and "diffusionblocks" in card.data.tags
     (result,) = card.data.eval_results
-    assert (result.metric_type, result.metric_value, result.dataset_type) == ("accuracy", metrics["test/acc"], "uoft-cs/cifar100")
+    measured = (result.metric_type, result.metric_value, result.dataset_type)
+    assert measured == ("accuracy", metrics["test/acc"], "uoft-cs/cifar100")
     assert "| this model | 41.67 |" in card.text
     assert "| paper: ViT + DiffusionBlocks, B = 3 | 59.30 |" in card.text
     assert "uv run main.py test cifar100 --ckpt_path hf://me/db" in card.text
@@ -256,7 +266,8 @@ def test_dry_run_folder_tests_like_its_run(workdir, trained, capsys):
 def test_push_takes_the_checkpoint_that_metrics_scored(workdir, trained, capsys):
     shutil.copy("logs/vit/last.ckpt", "logs/vit/best.ckpt")
     assert run_test("logs/vit/best.ckpt", trained / "data", capsys)[0] == 0  # metrics.json now scores best.ckpt
-    assert run_cli(["push", "logs/vit", "--repo_id", "me/vit", "--dry_run", "out", "--include_checkpoint"], capsys)[0] == 0
+    args = ["push", "logs/vit", "--repo_id", "me/vit", "--dry_run", "out", "--include_checkpoint"]
+    assert run_cli(args, capsys)[0] == 0
     assert (Path("out/best.ckpt").exists(), Path("out/last.ckpt").exists()) == (True, False)
 
 
@@ -354,7 +365,10 @@ def test_push_bad_input_is_one_line(workdir, hub_env, capsys):
         (["logs/vit", "--repo_id", "no-owner"], ["--repo_id must be OWNER/NAME"]),
         (["logs/vit", "--repo_id", "me/bad name"], ["--repo_id must be OWNER/NAME"]),
         (["logs/missing", "--repo_id", "me/x"], ["logs/missing does not exist"]),
-        (["logs/unscored", "--repo_id", "me/x"], ["has no metrics.json", "main.py test DATA --ckpt_path logs/unscored/last.ckpt"]),
+        (
+            ["logs/unscored", "--repo_id", "me/x"],
+            ["has no metrics.json", "main.py test DATA --ckpt_path logs/unscored/last.ckpt"],
+        ),
         (["logs/vit/other.ckpt", "--repo_id", "me/x"], ["does not score logs/vit/other.ckpt", "main.py test"]),
         (["logs/vit", "--repo_id", "me/x", "--dry_run", "taken"], ["--dry_run taken already exists"]),
     ]
