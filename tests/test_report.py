@@ -163,29 +163,29 @@ def test_plot_has_one_line_per_run_and_block(runs, tmp_path):
     assert report.render_png(fig).startswith(PNG_MAGIC)
 
 
+def row_with_config(run: Path, config: dict, capsys) -> dict[str, str]:
+    """The report's row of a run folder once its config.yaml holds `config`."""
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(["report", run], capsys)
+    assert code == 0, err
+    return parse_table(out)[0]
+
+
 def test_allocation_and_partition_from_keys_added_on_other_branches(runs, tmp_path, capsys):
     run = copy_run(runs, "dblock", "alloc", tmp_path)
     (run / "blocks.json").unlink()  # blocks.json would take precedence: read the flags alone, as for older runs
     config = yaml.safe_load((run / "config.yaml").read_text())
     config.update(layers_per_block="3,2,1", partition="uniform", augment="paper", add_rand_aug=True, gamma=0.1)
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    code, out, err = run_cli(["report", run], capsys)
-    assert code == 0, err
-    row = parse_table(out)[0]
+    row = row_with_config(run, config, capsys)
     expected = ("3 (3,2,1)", "uniform", "paper+RandAugment", "0.1")
     assert cells(row, "blocks (layers)", "partition", "augment", "gamma") == expected
     config.update(layers_per_block="4,2")  # the allocation decides B, whatever the num_blocks flag said
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    code, out, err = run_cli(["report", run], capsys)
-    assert code == 0, err
-    row = parse_table(out)[0]
+    row = row_with_config(run, config, capsys)
     assert (row["blocks (layers)"], row["epochs (planned)"]) == ("2 (4,2)", "1000")
     ranges = {"sigma_range": [0.1, 1.0], "widened_range": [0.1, 1.0], "probability_mass": 1 / 3}
     blocks = [{"block": b, "layers": layers, **ranges} for b, layers in enumerate([[0, 1], [2, 3, 4], [5]])]
     (run / "blocks.json").write_text(json.dumps({"blocks": blocks}))
-    code, out, err = run_cli(["report", run], capsys)
-    assert code == 0, err
-    row = parse_table(out)[0]
+    row = row_with_config(run, config, capsys)
     assert cells(row, "blocks (layers)", "epochs (planned)") == ("3 (2,3,1)", "1500")  # blocks.json wins over config
 
 
@@ -268,10 +268,7 @@ def test_config_of_an_older_run_reads_the_defaults(runs, tmp_path, capsys):
     for key in ("partition", "augment", "layers_per_block", "gamma"):
         del config[key]
     config.update(num_hidden_layers=None, num_blocks=None)
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    code, out, err = run_cli(["report", run], capsys)
-    assert code == 0, err
-    row = parse_table(out)[0]
+    row = row_with_config(run, config, capsys)
     expected = ("3 (4,4,4)", "equiprob", "released", "0.05")
     assert cells(row, "blocks (layers)", "partition", "augment", "gamma") == expected
     assert row["epochs (planned)"] == "1500"
