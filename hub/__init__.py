@@ -14,7 +14,7 @@ This file holds what both directions share: the files of a model folder and the 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import httpx2  # the HTTP client of huggingface_hub: its transport errors mean the Hub could not be reached
 from huggingface_hub import constants

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from errors import UserError
 from experiment import LOGS_DIR, read_checkpoint
 from fileio import read_mapping
-from hub import CONFIG_FILE, DATASET_KEY, HF_SCHEME, WEIGHTS_FILE, talking_to_hub
 from flags import ModelType
+from hub import CONFIG_FILE, DATASET_KEY, HF_SCHEME, WEIGHTS_FILE, talking_to_hub
 
 
 def read_model_folder(folder: Path, label: str) -> dict:

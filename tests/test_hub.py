@@ -250,6 +250,22 @@ def test_card_compares_with_the_paper_only_for_the_papers_model():
     assert paper is None and note == "The paper reports no dblock result on this dataset."
 
 
+def test_card_and_report_read_the_one_paper_table(monkeypatch):
+    import paper
+    import report
+    from hub.card import paper_comparison
+    from vit import default_arch
+
+    monkeypatch.setattr(paper, "PAPER_TABLE1", (paper.PaperResult("cifar100", "dblock", 2, 12.34),))
+    run = report.Run(path=Path("run"), config={"data": "cifar100"}, metrics=None, blocks=None, checkpoint=None,
+                     history=[], wandb_summary=None, logs_to_wandb=False)
+    (row,) = report.paper_rows([run])
+    assert (row["model"], row["blocks (layers)"], row["test acc %"]) == ("dblock", "2 (6,6)", "12.34")
+    dblock = {"model_type": "dblock", "arch": default_arch("cifar100").to_dict()}
+    paper_acc, paper_row, note = paper_comparison("cifar100", dblock, [6, 6])
+    assert (paper_acc, paper_row) == (12.34, "ViT + DiffusionBlocks, B = 2") and note.startswith("Same architecture")
+
+
 def test_dry_run_folder_tests_like_its_run(workdir, trained, capsys):
     from module import LitClassifier
 
