@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from errors import UserError
-from fileio import write_atomic
+from fileio import check_writable, write_output
 
 CUDA_METHOD = "cuda allocator peak"
 CPU_METHOD = "cpu exact accounting: saved tensors + params + grads + optimizer state"
@@ -146,17 +146,6 @@ class Variant:
 
 
 # ---- input checks -------------------------------------------------------------------------------
-def check_writable(flag: str, path: str) -> None:
-    """Fail now, in one line, if `path` cannot receive a file (rather than after minutes of measuring)."""
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{flag} {path} is a folder: give a file name")
-    if not target.parent.is_dir():
-        raise UserError(f"{flag} {path}: folder {target.parent} does not exist: create it or choose another path")
-    if not os.access(target.parent, os.W_OK):
-        raise UserError(f"{flag} {path}: folder {target.parent} is not writable: choose another path")
-
-
 def resolve_device(accelerator: str):
     """The torch device for --accelerator (auto = CUDA when available)."""
     import torch
@@ -505,11 +494,3 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
-
-
-def write_output(path: str, flag: str, write: Callable[[Any], Any]) -> None:
-    """Write an output file atomically; an unwritable path becomes a one-line error naming the flag."""
-    try:
-        write_atomic(path, write)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write ({e.strerror or e}): choose another path") from None

@@ -275,12 +275,13 @@ def bench(
     flags = dict(locals())
     import bench as benchmark
     from config import build_configs
+    from fileio import check_writable
 
     check_at_least(batch_size=batch_size, num_blocks=num_blocks, steps=steps, loader_batches=loader_batches)
     check_at_least(minimum=0, warmup_steps=warmup_steps, num_workers=num_workers)
     for flag, path in (("--output", output), ("--plot", plot)):
         if path is not None:
-            benchmark.check_writable(flag, path)
+            check_writable(flag, path)
     timing = benchmark.Timing(steps=steps, warmup_steps=warmup_steps, loader_batches=loader_batches)
     return benchmark.run(build_configs(data, flags), timing, output, plot)
 
@@ -304,7 +305,7 @@ def push(
         include_checkpoint: Also upload the Lightning .ckpt (optimizer state included, for resuming).
     """
     from config import default_flags
-    from hub import push as push_model
+    from hub.publish import push as push_model
 
     return push_model(
         run, repo_id=repo_id, private=private, dry_run=dry_run, include_checkpoint=include_checkpoint,

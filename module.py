@@ -109,7 +109,7 @@ class LitClassifier(
     with torch.load(weights_only=True); missing ones take train's defaults. `scoring` says how the run scores.
     The Hugging Face mixin gives `save_pretrained` (model.safetensors + config.json of the hyper-parameters)
     and `LitClassifier.from_pretrained("OWNER/NAME" or a folder)`, which rebuilds the model from config.json
-    alone and returns it in eval mode (see hub.py and `main.py push`).
+    alone and returns it in eval mode (see hub/ and `main.py push`).
     """
 
     def __init__(self, *, scoring: Scoring | None = None, **hparams):

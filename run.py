@@ -155,7 +155,7 @@ def save_resolved_config(run_dir: Path, flags: dict) -> None:
 
 def test(configs: Configs, ckpt_path: str, model_type: str | None, overrides: dict, save_predictions: bool) -> dict:
     """Score a checkpoint on the test split; metrics.json (and predictions.csv) next to it (see main.test)."""
-    from hub import resolve_checkpoint
+    from hub.resolve import resolve_checkpoint
 
     ckpt, run_dir = resolve_checkpoint(ckpt_path)  # a .ckpt file, a folder written by push, or hf://OWNER/NAME[@REV]
     scoring = Scoring(sampler_seed=configs.model.seed, save_predictions=save_predictions)
