@@ -127,15 +127,16 @@ def ensemble(draws: list[torch.Tensor], labels: torch.Tensor) -> list[dict]:
     return rows
 
 
-def oracle_sigmas(boundaries: list[float], sigma_min: float, sigma_max: float, per_block: int = 5) -> list[float]:
-    """Noise levels for the blocks-in-isolation sweep, descending: sigma_max, then `per_block` points log-evenly
-    inside every block's range (cell centres on the log-sigma axis, so none sits on a boundary), then sigma_min."""
-    edges = [sigma_max, *sorted(boundaries, reverse=True), sigma_min]
-    grid = [sigma_max]
+def oracle_sigmas(boundaries: list[float], per_block: int = 5) -> list[float]:
+    """Noise levels for the blocks-in-isolation sweep, descending, from the ascending block boundaries
+    sigma_min < ... < sigma_max: sigma_max, then `per_block` points log-evenly inside every block's range (cell
+    centres on the log-sigma axis, so none sits on a boundary), then sigma_min."""
+    edges = sorted(boundaries, reverse=True)
+    grid = [edges[0]]
     for hi, lo in zip(edges[:-1], edges[1:]):
         width = (math.log(hi) - math.log(lo)) / per_block
         grid += [math.exp(math.log(hi) - width * (i + 0.5)) for i in range(per_block)]
-    return [*grid, sigma_min]
+    return [*grid, edges[-1]]
 
 
 def range_midpoint(lo: float, hi: float) -> float:

@@ -89,8 +89,8 @@ def test_ensemble_averages_probabilities_and_logits_separately():
 
 
 def test_oracle_sigmas_span_the_whole_range_with_points_inside_every_block():
-    boundaries = [0.1, 2.0]  # three blocks: (2, 80], (0.1, 2], [0.002, 0.1]
-    grid = diagnostics.oracle_sigmas(boundaries, 0.002, 80.0, per_block=5)
+    boundaries = [0.002, 0.1, 2.0, 80.0]  # three blocks: (2, 80], (0.1, 2], [0.002, 0.1]
+    grid = diagnostics.oracle_sigmas(boundaries, per_block=5)
     assert grid[0] == 80.0 and grid[-1] == 0.002 and len(grid) == 17
     assert grid == sorted(grid, reverse=True)
     inside = [sum(lo < s < hi for s in grid) for lo, hi in ((2.0, 80.0), (0.1, 2.0), (0.002, 0.1))]
