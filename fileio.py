@@ -95,3 +95,20 @@ def read_mapping(path: Path, hint: str) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{path} does not hold a mapping of keys to values: {hint}")
     return value
+
+
+def replace_folder_atomic(path: str | os.PathLike, build: Callable[[Path], Any]) -> None:
+    """Like write_folder_atomic, but an existing folder at `path` is replaced once the new one is complete."""
+    target = Path(path)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_folder_atomic(target, build)
+        return
+    fresh = target.with_name(f".{target.name}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    write_folder_atomic(fresh, build)
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(target, old)
+    os.rename(fresh, target)
+    shutil.rmtree(old)
