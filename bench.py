@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from accelerator import check_accelerator
 from errors import UserError, check_at_least
 from fileio import write_atomic
 from flags import Accelerator, Data, Precision
@@ -118,6 +119,7 @@ def bench(
     check_train_blocks(job_blocks, num_blocks)
     check_at_least(batch_size=batch_size, num_blocks=num_blocks, steps=steps, loader_batches=loader_batches)
     check_at_least(minimum=0, warmup_steps=warmup_steps, num_workers=num_workers)
+    check_accelerator(accelerator)
     for flag, path in (("--output", output), ("--plot", plot)):
         if path is not None:
             check_writable(flag, path)

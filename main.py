@@ -18,6 +18,7 @@ from typing import Literal, NoReturn
 
 from jsonargparse import ArgumentParser, auto_cli
 
+from accelerator import check_accelerator
 from assemble import assemble
 from bench import bench
 from errors import UserError, check_at_least
@@ -178,6 +179,7 @@ def train(
         save_every_n_epochs=save_every_n_epochs, accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
         log_every_n_steps=log_every_n_steps, eval_every_n_epochs=eval_every_n_epochs,
     )
+    check_accelerator(accelerator)
     if offload_weights and (devices > 1 or num_nodes > 1):
         raise UserError("--offload_weights works on one device only (DDP needs every weight on its device): drop it or use --devices 1")
     layout = parse_layers_per_block(layers_per_block)
@@ -316,6 +318,7 @@ def test(
     from hub import resolve_checkpoint
 
     check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
+    check_accelerator(accelerator)
     ckpt, run_dir = resolve_checkpoint(ckpt_path)  # a .ckpt file, a folder written by push, or hf://OWNER/NAME[@REVISION]
     overrides = {"num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge}
     module = module_from_checkpoint(ckpt, ckpt_path, model_type, overrides)
