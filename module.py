@@ -217,10 +217,11 @@ class LitClassifier(
             self.check_finite(loss)
             self.log("train/loss", loss, prog_bar=True)
             return loss
-        block = self.trainable_blocks[block_for_step(self.hparams.seed, self.global_step, len(self.trainable_blocks))]
+        block = self.block_at(self.global_step)
         self.current_block = block
         if self.offloader is not None:
             self.offloader.activate(block, self.optimizers().optimizer, self.device)
+            self.offloader.prefetch(self.block_at(self.global_step + 1))  # copied while this step computes
         g = noise_generator(self.hparams.seed, self.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches, self.device)
         loss, ce, self.last_sigma = dblock.training_loss(self.model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout)
         self.check_finite(loss)
@@ -228,6 +229,10 @@ class LitClassifier(
         self.log("train/block", float(block))
         self.log_block_losses(block, loss, ce)
         return loss
+
+    def block_at(self, step: int) -> int:
+        """The block trained at optimizer step `step` (one of --train_blocks when given)."""
+        return self.trainable_blocks[block_for_step(self.hparams.seed, step, len(self.trainable_blocks))]
 
     def log_block_losses(self, block: int, loss: torch.Tensor, ce: torch.Tensor) -> None:
         """Per-block curves `train/loss_<b>`, `train/ce_loss_<b>`, sent straight to the loggers at the steps that trained

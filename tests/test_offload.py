@@ -2,10 +2,9 @@
 
 After a step that trained block b, block b's tensors must be on the compute device and every other
 block's in host memory. This is checked three ways: the offloader's own record (state_on_device,
-weights_on_device); the tensors themselves, each traced to the copy that produced it (on a CPU-only
-machine the compute device and host memory are both "cpu", so offload.HOST is swapped for an
-equal-typed but distinct device, cpu:0, to tell the two destinations apart); and, on CUDA, each
-tensor's .device. Moving must make real copies (a new data_ptr exactly where the record changed), and
+weights_on_device); the tensors themselves, each traced to the flat buffer it is a view of and to
+where that buffer was allocated (on a CPU-only machine the compute device and host memory are both
+"cpu", so the allocation function tells the two apart); and, on CUDA, each tensor's .device. Moving must make real copies (a new data_ptr exactly where the record changed), and
 a step must change the trained block's weights and leave every other block's bit for bit.
 """
 
@@ -25,32 +24,32 @@ def moments(optimizer: torch.optim.Optimizer, layers: torch.nn.Module) -> list[t
 
 
 class Tracer:
-    """Follows offload.copy_to: the destination of every copy, keyed by the copy's data_ptr.
+    """Follows offload.host_buffer and offload.device_buffer: where every flat buffer the offloader made lives,
+    keyed by its storage's data_ptr (a tensor is a view into one of them, or was never moved).
 
-    Copies are kept alive for the whole run, so no data_ptr is reused by another tensor.
+    Buffers are kept alive for the whole run, so no data_ptr is reused by another allocation.
     """
 
     def __init__(self, monkeypatch):
         import offload
 
-        self.host = torch.device("cpu", 0)  # host memory, told apart from the compute device even on a CPU-only machine
-        assert self.host != torch.device("cpu")
-        monkeypatch.setattr(offload, "HOST", self.host)
         self.destination: dict[tuple[str, int], str] = {}
-        self.copies: list[torch.Tensor] = []
-        real_copy = offload.copy_to
+        self.buffers: list[torch.Tensor] = []
+        for name, where in (("host_buffer", "host"), ("device_buffer", "device")):
+            monkeypatch.setattr(offload, name, self.traced(getattr(offload, name), where))
 
-        def traced_copy(t, device):
-            out = real_copy(t, device)
-            self.copies.append(out)
-            self.destination[out.device.type, out.data_ptr()] = "host" if device == self.host else "device"
-            return out
+    def traced(self, allocate, where: str):
+        def allocate_and_record(*args, **kwargs):
+            buffer = allocate(*args, **kwargs)
+            self.buffers.append(buffer)
+            self.destination[buffer.device.type, buffer.untyped_storage().data_ptr()] = where
+            return buffer
 
-        monkeypatch.setattr(offload, "copy_to", traced_copy)
+        return allocate_and_record
 
     def where(self, t: torch.Tensor) -> str:
-        """'device' or 'host': where the copy that produced t went; never copied means where Lightning put it, the device."""
-        return self.destination.get((t.device.type, t.data_ptr()), "device")
+        """'device' or 'host': where the buffer t is a view of lives; never moved means where Lightning put it, the device."""
+        return self.destination.get((t.device.type, t.untyped_storage().data_ptr()), "device")
 
 
 def run_and_check_every_step(cifar_dir, capsys, monkeypatch, flags: list[str], accelerator: str = "cpu") -> list[dict]:
