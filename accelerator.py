@@ -74,7 +74,7 @@ def suggested_fix(driver: str, cuda_build: str | None) -> str:
         return f"this torch build is CPU-only: run `{DEFAULT_INSTALL}` to install the CUDA 12 build{newest}"
     needed = MIN_DRIVER.get(cuda_build.split(".")[0])
     if needed is not None and series < needed:
-        return f"the CUDA {cuda_build} build needs a driver >= {needed}: run `{DEFAULT_INSTALL}` to install the CUDA 12 build"
+        return f"the CUDA {cuda_build} build needs a driver >= {needed}: run `{DEFAULT_INSTALL}` for the CUDA 12 build"
     return "the driver suits this build: check that `nvidia-smi` lists the GPU and that CUDA_VISIBLE_DEVICES names it"
 
 

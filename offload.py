@@ -133,7 +133,8 @@ class SideStream:
 
 def compact(value):
     """A tensor that is a view into a larger buffer, as a tensor of its own (what a checkpoint should hold)."""
-    if torch.is_tensor(value) and not isinstance(value, nn.Parameter) and value.untyped_storage().nbytes() > value.nbytes:
+    is_view = torch.is_tensor(value) and value.untyped_storage().nbytes() > value.nbytes
+    if is_view and not isinstance(value, nn.Parameter):  # state_dict(keep_vars=True) asks for the parameters themselves
         return value.detach().clone()
     return value
 
@@ -158,7 +159,10 @@ class BlockOffloader:
         self.host: list[dict[str, Flat]] = [{} for _ in blocks]
         self.slots: list[dict[str, torch.Tensor]] = []  # per slot: kind -> device memory
         self.slot_owner: list[int | None] = []  # the resident block whose tensors are views into the slot
-        self.slot_holds: list[dict[str, int]] = []  # kind -> the block whose current data the slot holds
+        # The block whose current data a slot holds (one at most: filling it for another block forgets it), and
+        # which of its kinds; a block is held by one slot at most, as filling prefers the slot that holds it.
+        self.slot_block: list[int | None] = []
+        self.slot_kinds: list[set[str]] = []
         self.slot_ready: list[torch.cuda.Event | None] = []  # the last copies into or out of the slot
         self.slot_flats: dict[tuple[int, int, str], Flat] = {}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -196,8 +200,8 @@ class BlockOffloader:
             for b, on_device in enumerate(self.weights_on_device):
                 if not on_device:
                     holders, tensors = self._contents(b)[WEIGHTS]
-                    source = self.at[b][WEIGHTS]
-                    target = Flat(self.side.allocate(layout_nbytes(source.shapes, source.dtype)), source.shapes, source.dtype)
+                    shapes, dtype = self.at[b][WEIGHTS].shapes, self.at[b][WEIGHTS].dtype
+                    target = Flat(self.side.allocate(layout_nbytes(shapes, dtype)), shapes, dtype)
                     self._place(b, WEIGHTS, holders, tensors, target)
                     self.weights_on_device[b] = True
             ready = self.side.mark()
@@ -223,7 +227,7 @@ class BlockOffloader:
         contents = {WEIGHTS: (params, params)} if self.offload_weights else {}
         for p in params:
             for key, value in self.optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.ndim > 0:  # scalar step counters stay where the optimizer keeps them
+                if torch.is_tensor(value) and value.ndim > 0:  # scalar step counters stay where the optimizer has them
                     holders, tensors = contents.setdefault(key, ([], []))
                     holders.append(p)
                     tensors.append(value)
@@ -264,44 +268,46 @@ class BlockOffloader:
             slot = self._free_slot(block)
             self._fill(slot, block, on_host)
             for kind, (holders, _) in on_host.items():
-                flat = self.slot_flats[slot, block, kind]
+                flat = self._slot_flat(slot, block, kind, self.host[block][kind])
                 self._install(kind, holders, flat.views)
                 self.at[block][kind] = flat
             self.slot_owner[slot] = block
-            for other, holds in enumerate(self.slot_holds):
-                if other != slot:  # their copies of this block go stale as it trains
-                    for kind in [k for k, b in holds.items() if b == block]:
-                        del holds[kind]
         self.state_on_device[block] = True
         self.weights_on_device[block] = True
         return slot
 
     def _fill(self, slot: int, block: int, on_host: dict) -> None:
         """Copy the block's host kinds into the slot, skipping those it already holds."""
+        if self.slot_block[slot] != block:
+            self.slot_block[slot], self.slot_kinds[slot] = block, set()
         copied = False
-        for kind, (_, tensors) in on_host.items():
+        for kind in on_host:
             source = self.host[block][kind]
-            flat = self._slot_flat(slot, block, kind, source)
-            if self.slot_holds[slot].get(kind) != block:
-                copy_to(flat.buffer, source.buffer)
-                self.slot_holds[slot][kind] = block
+            if kind not in self.slot_kinds[slot]:
+                copy_to(self._slot_flat(slot, block, kind, source).buffer, source.buffer)
+                self.slot_kinds[slot].add(kind)
                 copied = True
         if copied:
             self.slot_ready[slot] = self.side.mark()
 
     def _free_slot(self, block: int) -> int | None:
-        """A slot no resident block uses, preferring one that already holds this block; a new one while there are fewer than two."""
+        """A slot no resident block uses, preferring the one holding this block; a new one while there are < 2."""
         free = [s for s, owner in enumerate(self.slot_owner) if owner is None]
-        holding = [s for s in free if block in self.slot_holds[s].values()]
+        holding = [s for s in free if self.slot_block[s] == block]
         if holding or free:
             return (holding or free)[0]
         if len(self.slots) == MAX_SLOTS:
             return None
         self.slots.append({})
         self.slot_owner.append(None)
-        self.slot_holds.append({})
+        self.slot_block.append(None)
+        self.slot_kinds.append(set())
         self.slot_ready.append(None)
-        return len(self.slots) - 1
+        slot = len(self.slots) - 1
+        for b, flats in enumerate(self.host):
+            for kind, flat in flats.items():
+                self._slot_flat(slot, b, kind, flat)
+        return slot
 
     # ---- flat buffers -----------------------------------------------------------------------
     def _host_flat(self, block: int, kind: str, tensors: list[torch.Tensor]) -> Flat:
@@ -312,6 +318,8 @@ class BlockOffloader:
         if flat is None or not flat.fits(shapes, dtype):
             flat = Flat(host_buffer(layout_nbytes(shapes, dtype), pinned=self.side.cuda), shapes, dtype)
             self.host[block][kind] = flat
+            for slot in range(len(self.slots)):  # views made now are not made during a later step
+                self._slot_flat(slot, block, kind, flat)
         return flat
 
     def _slot_flat(self, slot: int, block: int, kind: str, like: Flat) -> Flat:
@@ -328,8 +336,11 @@ class BlockOffloader:
         """Bytes of a slot for one kind: every kind of a block lays out some of its parameters' shapes."""
         return max(layout_nbytes([p.shape for p in params], dtype) for params in self.params)
 
-    def _place(self, block: int, kind: str, holders: list[nn.Parameter], tensors: list[torch.Tensor], target: Flat) -> None:
-        """Make the block's `kind` views of `target`, copying the data in: one copy from a flat buffer, else one per tensor."""
+    def _place(
+        self, block: int, kind: str, holders: list[nn.Parameter], tensors: list[torch.Tensor], target: Flat
+    ) -> None:
+        """Make the block's `kind` views of `target`, copying the data in: one copy from a flat buffer, else one per
+        tensor."""
         source = self._location(block, kind, tensors)
         if source is target:
             return
@@ -339,9 +350,9 @@ class BlockOffloader:
             for view, t in zip(target.views, tensors):
                 copy_to(view, t)
             self.side.release(tensors)
-            for holds in self.slot_holds:  # copies of the data these tensors replaced are stale
-                if holds.get(kind) == block:
-                    del holds[kind]
+            for slot, held in enumerate(self.slot_block):  # a copy of the data these tensors replaced is stale
+                if held == block:
+                    self.slot_kinds[slot].discard(kind)
         self._install(kind, holders, target.views)
         self.at[block][kind] = target
 

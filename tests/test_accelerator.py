@@ -38,7 +38,8 @@ def command(name: str, data_dir, accelerator_flag: str) -> list[str]:
         args[args.index("--accelerator") + 1] = accelerator_flag
         return args
     if name == "test":
-        return ["test", "cifar100", "--data_dir", data_dir, "--ckpt_path", "missing.ckpt", "--accelerator", accelerator_flag]
+        return ["test", "cifar100", "--data_dir", data_dir, "--ckpt_path", "missing.ckpt",
+                "--accelerator", accelerator_flag]
     return ["bench", "cifar100", "--batch_size", "2", "--steps", "1", "--accelerator", accelerator_flag]
 
 
@@ -47,7 +48,8 @@ def test_an_unusable_gpu_stops_the_command_in_one_line(cifar_dir, capsys, monkey
     simulate(monkeypatch, driver=DRIVER_535, usable=False)
     code, out, err = run_cli(command(name, cifar_dir, "auto"), capsys)
     assert code == 2
-    assert_one_line_error(code, err, DRIVER_535, torch.__version__, "CUDA 13.2", f"`{accelerator.DEFAULT_INSTALL}`", "--accelerator cpu")
+    fix = f"`{accelerator.DEFAULT_INSTALL}`"
+    assert_one_line_error(code, err, DRIVER_535, torch.__version__, "CUDA 13.2", fix, "--accelerator cpu")
     assert not (cifar_dir.parent / "logs").exists(), "nothing may be written before the check"
 
 
@@ -99,7 +101,7 @@ def test_driver_version_is_read_from_proc(tmp_path, monkeypatch):
     proc.write_text(PROC_TEXT)
     monkeypatch.setattr(accelerator, "DRIVER_VERSION_FILE", proc)
     assert accelerator.nvidia_driver_version() == DRIVER_535
-    open_module = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U16)\n"
+    open_module = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs@U16)\n"
     proc.write_text(open_module)
     assert accelerator.nvidia_driver_version() == "580.65.06"
 
