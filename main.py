@@ -15,6 +15,7 @@ from typing import Literal, NoReturn
 
 from jsonargparse import ArgumentParser, auto_cli
 
+from accelerator import check_accelerator
 from assemble import assemble
 from errors import UserError, check_at_least
 from flags import Accelerator, Augment, Data, Logger, ModelType, Partition, Precision, Scheduler
@@ -162,6 +163,7 @@ def train(
         accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
         log_every_n_steps=log_every_n_steps, eval_every_n_epochs=eval_every_n_epochs,
     )
+    check_accelerator(accelerator)
     return run.train(build_configs(data, flags), flags)
 
 
@@ -206,6 +208,7 @@ def test(
     from config import build_configs
 
     check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
+    check_accelerator(accelerator)
     overrides = {
         "num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge
     }
@@ -279,6 +282,7 @@ def bench(
 
     check_at_least(batch_size=batch_size, num_blocks=num_blocks, steps=steps, loader_batches=loader_batches)
     check_at_least(minimum=0, warmup_steps=warmup_steps, num_workers=num_workers)
+    check_accelerator(accelerator)
     for flag, path in (("--output", output), ("--plot", plot)):
         if path is not None:
             check_writable(flag, path)

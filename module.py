@@ -171,9 +171,12 @@ class LitClassifier(
     # ---- training -------------------------------------------------------------------------
     def start_block(self, step: int, optimizer, block: int | None = None) -> int | None:
         """The block step `step` trains (or `block`), brought on the device with its optimizer state first."""
-        block = self.objective.block_at(step) if block is None else block
+        drawn = block is None
+        block = self.objective.block_at(step) if drawn else block
         if self.offloader is not None:
             self.offloader.activate(block, optimizer, self.device)
+            if drawn:  # training: the next step's block is known, so its state is copied while this step computes
+                self.offloader.prefetch(self.objective.block_at(step + 1))
         return block
 
     def block_loss(self, images: torch.Tensor, labels: torch.Tensor, where: StepIndex, block: int | None) -> StepLoss:
