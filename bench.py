@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from errors import UserError
-from fileio import check_writable, write_output
+from fileio import write_output
 
 CUDA_METHOD = "cuda allocator peak"
 CPU_METHOD = "cpu exact accounting: saved tensors + params + grads + optimizer state"
@@ -359,7 +360,7 @@ def measure_variant(name: str, configs, num_labels: int, device, timing: Timing)
         memory = max((measure_memory(v, batch, b) for b in v.blocks), key=lambda m: m["peak_memory_bytes"])
         steps = range(timing.warmup_steps, timing.warmup_steps + timing.steps)
         blocks = [drawn_block(v, i) for i in steps]
-        train_times = [timed(lambda i=i, b=b: step_and_clear(v, batch, i, b), device) for i, b in zip(steps, blocks)]
+        train_times = [timed(functools.partial(step_and_clear, v, batch, i, b), device) for i, b in zip(steps, blocks)]
         infer_times = infer_times_of(v, batch[0], timing, configs.model.seed) if v.can_sample else []
     del v, batch
     gc.collect()

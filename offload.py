@@ -15,7 +15,8 @@ HOST = torch.device("cpu")
 
 
 def copy_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A fresh copy of t on device (pinned when it lands in host memory beside a GPU, so the copy runs asynchronously)."""
+    """A fresh copy of t on device (pinned when it lands in host memory beside a GPU, so the copy runs
+    asynchronously)."""
     if device.type == "cpu":
         host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
         return host.copy_(t, non_blocking=t.is_cuda)

@@ -11,7 +11,7 @@ import torch
 
 import dblock
 import edm
-from cli_helpers import assert_one_line_error, cifar_dir, run_cli, traced_training, train_args  # noqa: F401 (fixture)
+from cli_helpers import assert_one_line_error, run_cli, traced_training, train_args
 from vit import ArchConfig
 
 ARCH = ArchConfig(

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import main
-from cli_helpers import FAST, TINY_ARCH, cifar_dir, read_metrics, run_cli, train_args  # noqa: F401 (fixture)
+from cli_helpers import FAST, TINY_ARCH, read_metrics, run_cli, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +73,9 @@ def test_train_then_test(cifar_dir, capsys, model_type, scoring_record):
     assert {"train/loss", "test/acc", "test/f1"} <= set(logged)
     if model_type == "dblock":  # per-block curves of whichever blocks were drawn
         assert "train/ce_loss" in logged and any(k.startswith("train/loss_") for k in logged)
-    code, out, err = run_cli(["test", "cifar100", "--ckpt_path", run / "last.ckpt", "--data_dir", cifar_dir, "--batch_size", "8",
-                              "--num_workers", "0", "--accelerator", "cpu", "--model_type", model_type], capsys)
+    code, out, err = run_cli(["test", "cifar100", "--ckpt_path", run / "last.ckpt", "--data_dir", cifar_dir,
+                              "--batch_size", "8", "--num_workers", "0", "--accelerator", "cpu",
+                              "--model_type", model_type], capsys)
     assert code == 0, err
     tested = read_metrics(run / "metrics.json")
     assert tested["num_test_images"] == 12 and tested["ckpt_path"].endswith("last.ckpt")
@@ -190,7 +191,9 @@ def test_help_explains_every_flag(command, capsys, monkeypatch):
     for name in flags:
         assert f"--{name}" in entries, f"--{name} missing from `main.py {command} --help`"
         explanation = entries[f"--{name}"].split("(type:")[0].strip()
-        assert len(explanation) >= 10, f"--{name} is not explained: document it under Args: in {function.__name__}'s docstring"
+        assert len(explanation) >= 10, (
+            f"--{name} is not explained: document it under Args: in {function.__name__}'s docstring"
+        )
 
 
 def flag_reference_sections() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Data module facts: on-disk formats, splits, transforms, loaders, download and every user-facing error, all offline."""
+"""Data module facts: on-disk formats, splits, transforms, loaders, download and every user-facing error, all
+offline."""
 
 import dataclasses
 import hashlib
@@ -20,7 +21,10 @@ from torchvision import transforms
 
 import data
 # test_transform is reached through `data.` so pytest does not collect it as a test.
-from data import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, ImageDataModule, dataset_info, train_transform
+from data import (
+    CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, ImageDataModule, dataset_info,
+    train_transform,
+)
 from errors import UserError
 from tests.synthetic import write_cifar, write_imagefolder, write_tiny_imagenet
 
@@ -183,7 +187,8 @@ def test_normalised_values_of_a_known_image(name):
 
 
 def left_to_right_gradient(size: int) -> Image.Image:
-    """Grey levels rising from the left edge to the right one: any crop keeps the left side darker, a mirror does not."""
+    """Grey levels rising from the left edge to the right one: any crop keeps the left side darker, a mirror does
+    not."""
     row = np.linspace(0, 255, size).astype(np.uint8)
     return Image.fromarray(np.repeat(np.tile(row, (size, 1))[:, :, None], 3, axis=2))
 
@@ -264,7 +269,9 @@ def test_malformed_cifar_is_a_user_error_naming_the_file(tmp_path, changes):
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("content", [b"not a pickle at all", b"", pickle.dumps([1, 2, 3])], ids=["garbage", "empty", "not-dict"])
+@pytest.mark.parametrize(
+    "content", [b"not a pickle at all", b"", pickle.dumps([1, 2, 3])], ids=["garbage", "empty", "not-dict"]
+)
 def test_unreadable_cifar_file_is_a_user_error(tmp_path, content):
     write_cifar(tmp_path, "cifar10", n_train=10, n_test=2)
     path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
@@ -553,7 +560,8 @@ def test_download_with_matching_checksum_extracts_and_loads(tmp_path, monkeypatc
 
 def test_kept_archive_is_reextracted_without_network(tmp_path, monkeypatch, cifar100_archive):
     monkeypatch.setitem(
-        data.SOURCES, "cifar100", dataclasses.replace(data.SOURCES["cifar100"], md5=hashlib.md5(cifar100_archive).hexdigest())
+        data.SOURCES, "cifar100",
+        dataclasses.replace(data.SOURCES["cifar100"], md5=hashlib.md5(cifar100_archive).hexdigest()),
     )
     calls = serve(monkeypatch, cifar100_archive)
     data_dir = tmp_path / "data"
@@ -566,7 +574,8 @@ def test_kept_archive_is_reextracted_without_network(tmp_path, monkeypatch, cifa
 
 def test_corrupt_kept_archive_is_replaced(tmp_path, monkeypatch, cifar100_archive):
     source = data.SOURCES["cifar100"]
-    monkeypatch.setitem(data.SOURCES, "cifar100", dataclasses.replace(source, md5=hashlib.md5(cifar100_archive).hexdigest()))
+    md5 = hashlib.md5(cifar100_archive).hexdigest()
+    monkeypatch.setitem(data.SOURCES, "cifar100", dataclasses.replace(source, md5=md5))
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / source.archive).write_bytes(cifar100_archive[:100])

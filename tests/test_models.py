@@ -11,7 +11,9 @@ from dblock import block_for_step
 from errors import UserError
 from vit import ArchConfig, ViTClassifier, default_arch
 
-TINY = ArchConfig(hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16)
+TINY = ArchConfig(
+    hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16
+)
 
 
 def tiny_dblock(**dcfg) -> dblock.DiffusionBlocksViT:
@@ -160,7 +162,9 @@ def test_cfg_changes_logits_only_when_scale_nonzero():
 def test_compile_flag_compiles_in_place_and_keeps_checkpoint_keys():
     from module import LitClassifier
 
-    tiny = dict(hidden_size=12, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24, patch_size=8, image_size=16)
+    tiny = dict(
+        hidden_size=12, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24, patch_size=8, image_size=16
+    )
     plain = LitClassifier(model_type="dblock", arch=tiny, num_labels=3)
     compiled = LitClassifier(model_type="dblock", arch=tiny, num_labels=3, compile_model=True)
     compiled.setup("fit")
@@ -180,7 +184,8 @@ def test_network_reads_the_label_state_and_the_noise_level():
         p.data.add_(0.5 * torch.randn(p.shape, generator=g))
     outputs = []
     m.final_norm.register_forward_hook(lambda module, args, out: outputs.append(out[:, 0]))
-    x, token, other_token = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 24, generator=g), torch.randn(2, 24, generator=g)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    token, other_token = torch.randn(2, 24, generator=g), torch.randn(2, 24, generator=g)
 
     def network_output(token, sigma):
         s = torch.full((2,), sigma)

@@ -14,14 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cli_helpers import cifar_dir, run_cli, train_args  # noqa: F401 (fixture)
+from cli_helpers import run_cli, train_args
 
 OFFLOAD_FLAGS = {"moments": ["--offload_optimizer", "true"], "moments+weights": ["--offload_weights", "true"]}
 
 
 def moments(optimizer: torch.optim.Optimizer, layers: torch.nn.Module) -> list[torch.Tensor]:
     """AdamW's per-parameter moment tensors of a block (scalar step counters are not moved)."""
-    return [t for p in layers.parameters() for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t) and t.ndim > 0]
+    return [
+        t for p in layers.parameters() for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t) and t.ndim > 0
+    ]
 
 
 class Tracer:
@@ -49,19 +51,23 @@ class Tracer:
         monkeypatch.setattr(offload, "copy_to", traced_copy)
 
     def where(self, t: torch.Tensor) -> str:
-        """'device' or 'host': where the copy that produced t went; never copied means where Lightning put it, the device."""
+        """'device' or 'host': where the copy that produced t went; never copied means where Lightning put it, the
+        device."""
         return self.destination.get((t.device.type, t.data_ptr()), "device")
 
 
 def run_and_check_every_step(cifar_dir, capsys, monkeypatch, flags: list[str], accelerator: str = "cpu") -> list[dict]:
-    """Train dblock for 12 steps, checking block residence after every step and at the test; returns one record per step."""
+    """Train dblock for 12 steps, checking block residence after every step and at the test; returns one record per
+    step."""
     from module import LitClassifier
 
     tracer = Tracer(monkeypatch)
     steps, before = [], {}
 
     def on_train_batch_start(self, batch, batch_idx):
-        before["weights"] = [[p.detach().to("cpu", copy=True) for p in layers.parameters()] for layers in self.model.blocks]
+        before["weights"] = [
+            [p.detach().to("cpu", copy=True) for p in layers.parameters()] for layers in self.model.blocks
+        ]
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         offloader, optimizer, drawn = self.offloader, self.optimizers().optimizer, self.current_block
@@ -82,12 +88,16 @@ def run_and_check_every_step(cifar_dir, capsys, monkeypatch, flags: list[str], a
                 kind = {"device": "cuda", "host": "cpu"}
                 assert all(t.device.type == kind[expected] for t in moments(optimizer, layers)), (b, drawn)
                 assert all(t.device.type == kind[weights_expected] for t in weights), (b, drawn)
-                assert all(t.is_pinned() for t in [*moments(optimizer, layers), *weights] if not t.is_cuda)  # async copies
+                copies = [*moments(optimizer, layers), *weights]
+                assert all(t.is_pinned() for t in copies if not t.is_cuda)  # async copies
             ptrs.append(([t.data_ptr() for t in moments(optimizer, layers)], [t.data_ptr() for t in weights]))
             # Only the trained block's weights changed in this step.
             changed = [not torch.equal(old, new.cpu()) for old, new in zip(before["weights"][b], weights)]
             assert any(changed) if want[b] else not any(changed), (b, drawn, changed)
-        steps.append({"block": drawn, "state": list(offloader.state_on_device), "weights": list(offloader.weights_on_device), "ptrs": ptrs})
+        steps.append({
+            "block": drawn, "state": list(offloader.state_on_device), "weights": list(offloader.weights_on_device),
+            "ptrs": ptrs,
+        })
 
     def on_test_epoch_start(self):
         real_test_start(self)
