@@ -7,11 +7,9 @@ from pathlib import Path
 
 import main
 from block_trace import BLOCK_TRACE_ENV
+from tiny import tiny_arch_flags
 
-TINY_ARCH = [
-    "--hidden_size", "24", "--num_hidden_layers", "6", "--num_attention_heads", "2",
-    "--intermediate_size", "48", "--patch_size", "8",
-]
+TINY_ARCH = tiny_arch_flags()
 FAST = [
     "--batch_size", "8", "--num_workers", "0", "--accelerator", "cpu", "--logger", "csv", "--progress_every_s", "0",
     "--log_every_n_steps", "1",

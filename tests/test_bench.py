@@ -11,10 +11,10 @@ from torch import nn
 import bench
 import main
 from dblock import DBlockConfig, DiffusionBlocksViT
+from tiny import tiny_arch, tiny_arch_flags
 from vit import ViTClassifier, default_arch
 
-ARCH = {"hidden_size": 24, "num_hidden_layers": 6, "num_attention_heads": 2, "intermediate_size": 48, "patch_size": 8}
-ARCH_FLAGS = [str(x) for name, value in ARCH.items() for x in (f"--{name}", value)]
+ARCH_FLAGS = tiny_arch_flags()
 FAST = [
     "--batch_size", "8", "--steps", "1", "--warmup_steps", "1", "--num_workers", "0", "--loader_batches", "2",
     "--accelerator", "cpu",
@@ -52,7 +52,7 @@ def numel(params) -> int:
 @pytest.fixture(scope="module")
 def counts() -> dict[str, int]:
     """Exact parameter counts of the tiny models: vit, all of dblock, and one block plus the shared stem and head."""
-    arch = default_arch("cifar100", **ARCH)
+    arch = tiny_arch(image_size=default_arch("cifar100").image_size)  # the size bench gives cifar100
     vit = ViTClassifier(arch=arch, num_labels=NUM_LABELS)
     db = DiffusionBlocksViT(arch=arch, num_labels=NUM_LABELS, dcfg=DBlockConfig(num_blocks=NUM_BLOCKS))
     block = max(numel(b.parameters()) for b in db.blocks)

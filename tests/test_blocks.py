@@ -12,11 +12,9 @@ import torch
 import dblock
 import edm
 from cli_helpers import assert_one_line_error, run_cli, traced_training, train_args
-from vit import ArchConfig
+from tiny import tiny_arch
 
-ARCH = ArchConfig(
-    hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16
-)
+ARCH = tiny_arch()
 SPEC_RANGES = {  # SPEC section 4, block 0 first
     2: [(0.3012001, 80.0), (0.002, 0.3012001)],
     3: [(0.50504146, 80.0), (0.17963247, 0.50504146), (0.002, 0.17963247)],

@@ -158,11 +158,9 @@ def test_bad_train_blocks_are_one_line_errors(cifar_dir, capsys, flags, fragment
 
 
 def test_joint_mode_keeps_a_trainable_shared_label_table():
-    from vit import ArchConfig
+    from tiny import tiny_arch
 
-    arch = ArchConfig(
-        hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16
-    )
+    arch = tiny_arch()
     joint = dblock.DiffusionBlocksViT(arch=arch, num_labels=5)
     job = dblock.DiffusionBlocksViT(arch=arch, num_labels=5, built_blocks=(1,), label_seed=42)
     assert joint.label_embed.weight.requires_grad and not job.label_embed.weight.requires_grad

@@ -32,9 +32,9 @@ import pytest
 import torch
 
 from cli_helpers import read_metrics, run_cli
+from tiny import tiny_arch_flags
 
-LEARN_ARCH = ["--hidden_size", "48", "--num_hidden_layers", "3", "--num_attention_heads", "2",
-              "--intermediate_size", "64", "--patch_size", "16"]
+LEARN_ARCH = tiny_arch_flags(hidden_size=48, num_hidden_layers=3, intermediate_size=64, patch_size=16)
 FAST = ["--batch_size", "32", "--num_workers", "0", "--accelerator", "cpu", "--lr", "3e-3",
         "--logger", "csv", "--log_every_n_steps", "1", "--progress_every_s", "1000"]
 CHANCE = 1 / 6

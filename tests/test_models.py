@@ -9,11 +9,10 @@ import dblock
 import edm
 from dblock import block_for_step
 from errors import UserError
+from tiny import tiny_arch
 from vit import ArchConfig, ViTClassifier, default_arch
 
-TINY = ArchConfig(
-    hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16
-)
+TINY = tiny_arch()
 
 
 def tiny_dblock(**dcfg) -> dblock.DiffusionBlocksViT:
@@ -162,9 +161,7 @@ def test_cfg_changes_logits_only_when_scale_nonzero():
 def test_compile_flag_compiles_in_place_and_keeps_checkpoint_keys():
     from module import LitClassifier
 
-    tiny = dict(
-        hidden_size=12, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24, patch_size=8, image_size=16
-    )
+    tiny = tiny_arch(hidden_size=12, num_hidden_layers=3, intermediate_size=24).to_dict()
     plain = LitClassifier(model_type="dblock", arch=tiny, num_labels=3)
     compiled = LitClassifier(model_type="dblock", arch=tiny, num_labels=3, compile_model=True)
     compiled.setup("fit")

@@ -8,10 +8,9 @@ import pytest
 import main
 from errors import UserError
 from module import LitClassifier, check_scheduler
+from tiny import tiny_arch
 
-TINY = dict(
-    hidden_size=12, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24, patch_size=8, image_size=16
-)
+TINY = tiny_arch(hidden_size=12, num_hidden_layers=3, intermediate_size=24).to_dict()
 NEEDS_KWARGS = {
     "cosine_with_min_lr": {"min_lr": 1e-5},
     "cosine_warmup_with_min_lr": {"min_lr": 1e-5},
