@@ -428,7 +428,8 @@ def loader_throughput(
     images = rng.integers(0, 256, (n, native_size, native_size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n)
     loader = DataLoader(
-        ArrayDataset(images, labels, train_transform(data, image_size, add_rand_aug=False)), batch_size=batch_size,
+        ArrayDataset(images, labels, train_transform(data, image_size, add_rand_aug=False, augment="released")),
+        batch_size=batch_size,
         shuffle=True, drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
     )

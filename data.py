@@ -113,7 +113,7 @@ def geometry(data: str, image_size: int, random_crop: bool) -> list:
 
 
 def train_transform(
-    data: str, image_size: int, add_rand_aug: bool, augment: Augment = "released"
+    data: str, image_size: int, add_rand_aug: bool, augment: Augment
 ) -> transforms.Compose:
     """Training transform of `data`: the released augmentation or a part of it (`augment`), optionally with
     RandAugment."""

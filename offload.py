@@ -30,7 +30,7 @@ class BlockOffloader:
     code path (real copies) runs on a CPU-only machine, where tests check it changes nothing.
     """
 
-    def __init__(self, blocks: nn.ModuleList, *, offload_weights: bool = False):
+    def __init__(self, blocks: nn.ModuleList, *, offload_weights: bool):
         self.blocks = blocks
         self.offload_weights = offload_weights
         # Lightning puts the whole model (and any restored optimizer state) on the device first.

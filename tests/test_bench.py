@@ -10,8 +10,8 @@ from torch import nn
 
 import bench
 import main
-from dblock import DBlockConfig, DiffusionBlocksViT
-from tiny import tiny_arch, tiny_arch_flags
+from dblock import DiffusionBlocksViT
+from tiny import dblock_config, tiny_arch, tiny_arch_flags
 from vit import ViTClassifier, default_arch
 
 ARCH_FLAGS = tiny_arch_flags()
@@ -54,7 +54,7 @@ def counts() -> dict[str, int]:
     """Exact parameter counts of the tiny models: vit, all of dblock, and one block plus the shared stem and head."""
     arch = tiny_arch(image_size=default_arch("cifar100").image_size)  # the size bench gives cifar100
     vit = ViTClassifier(arch=arch, num_labels=NUM_LABELS)
-    db = DiffusionBlocksViT(arch=arch, num_labels=NUM_LABELS, dcfg=DBlockConfig(num_blocks=NUM_BLOCKS))
+    db = DiffusionBlocksViT(arch=arch, num_labels=NUM_LABELS, dcfg=dblock_config(num_blocks=NUM_BLOCKS))
     block = max(numel(b.parameters()) for b in db.blocks)
     return {
         "vit": numel(vit.parameters()), "all": numel(db.parameters()), "trained": block + numel(db.shared_parameters())

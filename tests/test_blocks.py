@@ -12,7 +12,7 @@ import torch
 import dblock
 import edm
 from cli_helpers import assert_one_line_error, run_cli, traced_training, train_args
-from tiny import tiny_arch
+from tiny import dblock_config, tiny_arch
 
 ARCH = tiny_arch()
 SPEC_RANGES = {  # SPEC section 4, block 0 first
@@ -24,7 +24,7 @@ SPEC_WIDENED_B3 = [(0.39205, 80.0), (0.17058, 0.53183), (0.002, 0.22493)]
 
 
 def model(**dcfg) -> dblock.DiffusionBlocksViT:
-    return dblock.DiffusionBlocksViT(arch=ARCH, num_labels=5, dcfg=dblock.DBlockConfig(**dcfg))
+    return dblock.DiffusionBlocksViT(arch=ARCH, num_labels=5, dcfg=dblock_config(**dcfg))
 
 
 def layer_params(m) -> int:
@@ -115,7 +115,10 @@ def test_denoiser_is_c_skip_z_plus_c_out_F_x():
 
 
 def test_assembled_blocks_denoise_with_the_member_that_trained_the_block():
-    members = [dblock.DiffusionBlocksViT(arch=ARCH, num_labels=5, built_blocks=b, label_seed=4) for b in ((0,), (1, 2))]
+    members = [
+        dblock.DiffusionBlocksViT(arch=ARCH, num_labels=5, dcfg=dblock_config(), built_blocks=b, label_seed=4)
+        for b in ((0,), (1, 2))
+    ]
     assembled = dblock.AssembledBlocks([perturbed(m).eval() for m in members])
     x, z, sigma = torch.randn(2, 3, 16, 16), torch.randn(2, 24), torch.full((2,), 0.3)
     with torch.no_grad():

@@ -103,7 +103,7 @@ T = transforms
 
 @pytest.mark.parametrize("name", CIFAR_LIKE)
 def test_cifar_train_transform_is_exactly_the_released_recipe(name):
-    steps = train_transform(name, 32, add_rand_aug=False).transforms
+    steps = train_transform(name, 32, add_rand_aug=False, augment="released").transforms
     assert [type(t) for t in steps] == [T.Resize, T.RandomCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
     resize, crop, flip, _, norm = steps
     assert resize.size == 32 and crop.size == (32, 32) and crop.padding == 4 and flip.p == 0.5
@@ -111,7 +111,7 @@ def test_cifar_train_transform_is_exactly_the_released_recipe(name):
 
 
 def test_tiny_imagenet_train_transform_is_exactly_the_released_recipe():
-    steps = train_transform("tiny-imagenet", 64, add_rand_aug=False).transforms
+    steps = train_transform("tiny-imagenet", 64, add_rand_aug=False, augment="released").transforms
     assert [type(t) for t in steps] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
     crop, flip, _, norm = steps
     assert crop.size == (64, 64) and crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
@@ -121,13 +121,14 @@ def test_tiny_imagenet_train_transform_is_exactly_the_released_recipe():
 
 @pytest.mark.parametrize("name", [*CIFAR_LIKE, "tiny-imagenet"])
 def test_rand_augment_follows_the_flip_only_with_the_flag(name):
-    steps = train_transform(name, 64, add_rand_aug=True).transforms
+    steps = train_transform(name, 64, add_rand_aug=True, augment="released").transforms
     kinds = [type(t) for t in steps]
     assert kinds[kinds.index(T.RandomHorizontalFlip) + 1] is T.RandAugment
     augment = steps[kinds.index(T.RandAugment)]
     assert (augment.num_ops, augment.magnitude) == (2, 9)
     assert all(getattr(t, "size", (64, 64)) in (64, (64, 64)) for t in steps)
-    assert not any(isinstance(t, T.RandAugment) for t in train_transform(name, 64, add_rand_aug=False).transforms)
+    steps = train_transform(name, 64, add_rand_aug=False, augment="released").transforms
+    assert not any(isinstance(t, T.RandAugment) for t in steps)
 
 
 # Geometry and flip of each --augment mode: (CIFAR-like datasets, Tiny-ImageNet).
@@ -179,7 +180,7 @@ def test_normalised_values_of_a_known_image(name):
     expected = torch.tensor(FLAT_NORMALISED["imagenet" if name == "tiny-imagenet" else "cifar100"])[:, None, None]
     candidates = [data.test_transform(name, 24), train_transform(name, 24, add_rand_aug=False, augment="none")]
     if name == "tiny-imagenet":  # its random crop takes no padding, so a flat image stays flat
-        candidates.append(train_transform(name, 24, add_rand_aug=False))
+        candidates.append(train_transform(name, 24, add_rand_aug=False, augment="released"))
     for transform in candidates:
         x = transform(flat_image(40))
         assert x.shape == (3, 24, 24)
@@ -231,7 +232,7 @@ def test_datasets_with_transforms_pickle(tmp_path, name):
     write_cifar(tmp_path, n_train=4, n_test=2)
     write_tiny_imagenet(tmp_path)
     write_imagefolder(tmp_path)
-    dm = ready(ImageDataModule(name, str(tmp_path), batch_size=2, num_workers=0, add_rand_aug=True))
+    dm = ready(ImageDataModule(name, str(tmp_path), batch_size=2, num_workers=0, add_rand_aug=True, augment="released"))
     clone = pickle.loads(pickle.dumps(dm.test_set))
     assert torch.equal(clone[0][0], dm.test_set[0][0]) and clone[0][1] == dm.test_set[0][1]
     clone = pickle.loads(pickle.dumps(dm.train_set))

@@ -158,11 +158,11 @@ def test_bad_train_blocks_are_one_line_errors(cifar_dir, capsys, flags, fragment
 
 
 def test_joint_mode_keeps_a_trainable_shared_label_table():
-    from tiny import tiny_arch
+    from tiny import dblock_config, tiny_arch
 
-    arch = tiny_arch()
-    joint = dblock.DiffusionBlocksViT(arch=arch, num_labels=5)
-    job = dblock.DiffusionBlocksViT(arch=arch, num_labels=5, built_blocks=(1,), label_seed=42)
+    arch, dcfg = tiny_arch(), dblock_config()
+    joint = dblock.DiffusionBlocksViT(arch=arch, num_labels=5, dcfg=dcfg)
+    job = dblock.DiffusionBlocksViT(arch=arch, num_labels=5, dcfg=dcfg, built_blocks=(1,), label_seed=42)
     assert joint.label_embed.weight.requires_grad and not job.label_embed.weight.requires_grad
     assert [len(b) for b in joint.blocks] == [2, 2, 2] and [len(b) for b in job.blocks] == [0, 2, 0]
     per_layer = sum(p.numel() for p in joint.blocks[0][0].parameters())

@@ -9,14 +9,14 @@ import dblock
 import edm
 from dblock import block_for_step
 from errors import UserError
-from tiny import tiny_arch
+from tiny import dblock_config, tiny_arch
 from vit import ArchConfig, ViTClassifier, default_arch
 
 TINY = tiny_arch()
 
 
 def tiny_dblock(**dcfg) -> dblock.DiffusionBlocksViT:
-    return dblock.DiffusionBlocksViT(arch=TINY, num_labels=5, dcfg=dblock.DBlockConfig(**dcfg))
+    return dblock.DiffusionBlocksViT(arch=TINY, num_labels=5, dcfg=dblock_config(**dcfg))
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -25,7 +25,7 @@ def n_params(m: torch.nn.Module) -> int:
 
 def test_paper_parameter_counts():
     assert n_params(ViTClassifier(arch=ArchConfig(), num_labels=100)) == 10_302_180
-    assert n_params(dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=100)) == 10_529_095
+    assert n_params(dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=100, dcfg=dblock_config())) == 10_529_095
 
 
 def test_dataset_defaults():
@@ -39,13 +39,13 @@ def test_bad_architectures_are_user_errors():
     with pytest.raises(UserError, match="does not divide --hidden_size"):
         ArchConfig(hidden_size=130, num_attention_heads=4)
     with pytest.raises(UserError, match="not divisible by --num_blocks"):
-        dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=10, dcfg=dblock.DBlockConfig(num_blocks=5))
+        dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=10, dcfg=dblock_config(num_blocks=5))
     with pytest.raises(UserError, match="--gamma"):
-        dblock.DBlockConfig(gamma=-0.1).validate(12)
+        dblock_config(gamma=-0.1).validate(12)
 
 
 def test_dblock_blocks_are_contiguous_layer_groups():
-    m = dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=100)
+    m = dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=100, dcfg=dblock_config())
     assert [len(b) for b in m.blocks] == [4, 4, 4]
     assert m.block_layers()[4] is m.blocks[1][0]
 

@@ -1,8 +1,13 @@
-"""The tiny transformer the tests build and train: one definition, with per-test overrides.
+"""The tiny transformer the tests build and train: one definition, with per-test overrides; and train's block
+configuration with overrides.
 
 Golden data (tests/golden) and the old checkpoints (tests/old_checkpoints) keep their own recorded shapes.
 """
 
+import dataclasses
+
+from config import default_configs
+from dblock import DBlockConfig
 from vit import ArchConfig
 
 TINY = {
@@ -23,3 +28,8 @@ def tiny_arch_flags(**overrides) -> list[str]:
     --image_size)."""
     shape = {**{name: TINY[name] for name in SHAPE_FIELDS}, **overrides}
     return [str(item) for name, value in shape.items() for item in (f"--{name}", value)]
+
+
+def dblock_config(**overrides) -> DBlockConfig:
+    """train's block configuration (its flag defaults), with `overrides` (DBlockConfig field names) applied."""
+    return dataclasses.replace(default_configs().dblock, **overrides)
