@@ -131,16 +131,6 @@ class Variant:
         return self.name != "vit"
 
     @property
-    def blocks(self) -> list[int]:
-        """Blocks a step can train (the whole network counts as one block 0 for vit)."""
-        return self.module.trainable_blocks
-
-    @property
-    def can_sample(self) -> bool:
-        """Whether every block exists, so the sampler can run (not so for an independent job's model)."""
-        return self.module.covers_all_blocks
-
-    @property
     def policy(self) -> Policy:
         """What this variant keeps in host memory."""
         return VARIANTS[self.name]
@@ -342,7 +332,7 @@ def infer(v: Variant, images, generator) -> None:
 
 def drawn_block(v: Variant, step: int) -> int:
     """The block training draws at `step` (vit: its one block)."""
-    return v.module.objective.block_at(step) if v.is_dblock else v.blocks[0]
+    return v.module.objective.block_at(step) if v.is_dblock else v.module.trainable_blocks[0]
 
 
 def measure_variant(name: str, configs, num_labels: int, device, timing: Timing) -> dict:
@@ -353,15 +343,16 @@ def measure_variant(name: str, configs, num_labels: int, device, timing: Timing)
     with compile_limits(configs):
         v = build_variant(name, configs, num_labels, device)
         batch = random_batch(configs, num_labels, device)
-        for i, block in enumerate(v.blocks):  # every block trained once: all AdamW moments exist (steady state)
+        trainable = v.module.trainable_blocks
+        for i, block in enumerate(trainable):  # every block trained once: all AdamW moments exist (steady state)
             step_and_clear(v, batch, i, block)
         for i in range(timing.warmup_steps):
             step_and_clear(v, batch, i, drawn_block(v, i))
-        memory = max((measure_memory(v, batch, b) for b in v.blocks), key=lambda m: m["peak_memory_bytes"])
+        memory = max((measure_memory(v, batch, b) for b in trainable), key=lambda m: m["peak_memory_bytes"])
         steps = range(timing.warmup_steps, timing.warmup_steps + timing.steps)
         blocks = [drawn_block(v, i) for i in steps]
         train_times = [timed(functools.partial(step_and_clear, v, batch, i, b), device) for i, b in zip(steps, blocks)]
-        infer_times = infer_times_of(v, batch[0], timing, configs.model.seed) if v.can_sample else []
+        infer_times = infer_times_of(v, batch[0], timing, configs.model.seed) if v.module.covers_all_blocks else []
     del v, batch
     gc.collect()
     if device.type == "cuda":

@@ -505,15 +505,8 @@ def sampler_steps(
             z = edm.euler_step(z, denoised, sigma, sigmas[i + 1])
 
 
-def sample_logits(
-    model: DiffusionBlocksViT,
-    images: torch.Tensor,
-    num_steps: int,
-    cfg_scale: float = 0.0,
-    generator: torch.Generator | None = None,
-    z0: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Class logits (N, num_labels) of the sampler's last step (see sampler_steps)."""
-    for step in sampler_steps(model, images, num_steps, cfg_scale, generator, z0):
+def sample_logits(*args, **kwargs) -> torch.Tensor:
+    """Class logits (N, num_labels) of the sampler's last step; the arguments are sampler_steps's."""
+    for step in sampler_steps(*args, **kwargs):
         pass
     return step.logits

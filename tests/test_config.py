@@ -47,7 +47,6 @@ OWN_LITERAL_DEFAULTS = {
     # The method's neutral values (no image dropout, no guidance) for callers that are not a run.
     ("dblock.py", "block_losses", "class_dropout_prob"): "neutral",
     ("dblock.py", "sampler_steps", "cfg_scale"): "neutral",
-    ("dblock.py", "sample_logits", "cfg_scale"): "neutral",
     ("module.py", "Scoring", "save_predictions"): "neutral",
     # Left to do: diagnose.py and many tests build the data module from these (run.make_datamodule passes all).
     **{("data.py", "__init__", name): "to do" for name in (
