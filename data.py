@@ -56,7 +56,6 @@ class DatasetInfo:
 
     num_classes: int
     image_size: int
-    in_channels: int = 3
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ def no_run_folders() -> bool:
 TRAIN_CASES = {
     "unknown DATA": (["train", "mnist"], ["data", "mnist"]),
     "unknown model type": (["--model_type", "resnet"], ["model_type", "resnet"]),
+    "unknown optimizer": (["--optimizer", "sgd"], ["optimizer", "sgd"]),  # the released flag takes adamw only
     "malformed JSON": (
         ["--scheduler_specific_kwargs", "{min_lr: 5e-5"], ["--scheduler_specific_kwargs", "not valid JSON"]
     ),

@@ -2,6 +2,7 @@
 
 import inspect
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,7 @@ def test_imagefolder_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     root = write_imagefolder(tmp_path / "folder", n_per_class=4, classes=("cat", "dog", "eel"), size=16, split="val")
     code, _, err = run_cli(["train", "imagefolder", "--data_dir", root, "--run_name", "if", "--max_steps", "1",
-                            "--image_size", "16", *TINY_ARCH, *FAST], capsys)
+                            "--image_size", "16", "--optimizer", "adamw", *TINY_ARCH, *FAST], capsys)
     assert code == 0, err
     m = read_metrics("logs/if/metrics.json")
     assert m["num_test_images"] == 12
@@ -194,6 +195,17 @@ def test_help_explains_every_flag(command, capsys, monkeypatch):
         assert len(explanation) >= 10, (
             f"--{name} is not explained: document it under Args: in {function.__name__}'s docstring"
         )
+
+
+@pytest.mark.parametrize("command", ["train", "test", "bench"])
+def test_help_of_data_names_every_dataset(command):
+    """The DATA positional's help lists every choice of flags.Data (its docstring entry, up to the next flag)."""
+    import flags
+
+    doc = inspect.getdoc(main.COMMANDS[command])
+    entry = re.search(r"^ *data: (.*?)(?=^ *\w+: )", doc, re.S | re.M).group(1)
+    missing = [name for name in typing.get_args(flags.Data) if not re.search(rf"(?<![\w-]){name}(?![\w-])", entry)]
+    assert not missing, f"`main.py {command}` help for DATA does not name {missing}"
 
 
 def flag_reference_sections() -> dict[str, str]:

@@ -56,7 +56,7 @@ def batch_sizes(loader) -> list[int]:
 def test_cifar100_splits_and_loaders(tmp_path):
     write_cifar(tmp_path, "cifar100", n_train=64, n_test=32)
     dm = ready(ImageDataModule("cifar100", str(tmp_path), batch_size=10, eval_batch_size=7, num_workers=0))
-    assert dm.info == DatasetInfo(num_classes=100, image_size=32, in_channels=3)
+    assert dm.info == DatasetInfo(num_classes=100, image_size=32)
     assert (len(dm.train_set), len(dm.test_set)) == (64, 32)
     x, y = dm.train_set[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
