@@ -378,7 +378,7 @@ def test_digits_data_module_ignores_data_dir_and_seed(tmp_path):
     modules = [ready(ImageDataModule("digits", str(tmp_path / "absent"), batch_size=32, num_workers=0, seed=seed))
                for seed in (1, 2)]
     for dm in modules:
-        assert dm.info == DatasetInfo(10, 16, 3) and not dm.has_validation_split
+        assert dm.info == DatasetInfo(10, 16) and not dm.has_validation_split
         assert (len(dm.train_set), len(dm.test_set)) == (1297, 500)
         x, y = dm.test_set[0]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= y < 10
@@ -417,12 +417,12 @@ def test_tiny_imagenet_bad_annotation_is_a_user_error(tmp_path):
 
 def test_dataset_info_values(tmp_path):
     write_imagefolder(tmp_path, classes=("a", "b", "c", "d", "e"))
-    assert dataset_info("cifar10", "nowhere") == DatasetInfo(10, 32, 3)
-    assert dataset_info("cifar100", "nowhere") == DatasetInfo(100, 32, 3)
-    assert dataset_info("tiny-imagenet", "nowhere") == DatasetInfo(200, 64, 3)
-    assert dataset_info("imagefolder", str(tmp_path)) == DatasetInfo(5, 32, 3)
-    assert dataset_info("digits", "nowhere") == DatasetInfo(10, 16, 3)
-    assert dataset_info("cifar100", "nowhere", image_size=64) == DatasetInfo(100, 64, 3)
+    assert dataset_info("cifar10", "nowhere") == DatasetInfo(10, 32)
+    assert dataset_info("cifar100", "nowhere") == DatasetInfo(100, 32)
+    assert dataset_info("tiny-imagenet", "nowhere") == DatasetInfo(200, 64)
+    assert dataset_info("imagefolder", str(tmp_path)) == DatasetInfo(5, 32)
+    assert dataset_info("digits", "nowhere") == DatasetInfo(10, 16)
+    assert dataset_info("cifar100", "nowhere", image_size=64) == DatasetInfo(100, 64)
     assert dataset_info("tiny-imagenet", "nowhere", image_size=32).image_size == 32
     with pytest.raises(UserError, match="image size"):
         dataset_info("cifar10", "nowhere", image_size=0)
