@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from errors import UserError
-from fileio import check_writable, write_output
+from fileio import write_output
 
 CUDA_METHOD = "cuda allocator peak"
 CPU_METHOD = "cpu exact accounting: saved tensors + params + grads + optimizer state"
@@ -128,16 +129,6 @@ class Variant:
     def is_dblock(self) -> bool:
         """True for the three DiffusionBlocks variants."""
         return self.name != "vit"
-
-    @property
-    def blocks(self) -> list[int]:
-        """Blocks a step can train (the whole network counts as one block 0 for vit)."""
-        return self.module.trainable_blocks
-
-    @property
-    def can_sample(self) -> bool:
-        """Whether every block exists, so the sampler can run (not so for an independent job's model)."""
-        return self.module.covers_all_blocks
 
     @property
     def policy(self) -> Policy:
@@ -341,7 +332,7 @@ def infer(v: Variant, images, generator) -> None:
 
 def drawn_block(v: Variant, step: int) -> int:
     """The block training draws at `step` (vit: its one block)."""
-    return v.module.objective.block_at(step) if v.is_dblock else v.blocks[0]
+    return v.module.objective.block_at(step) if v.is_dblock else v.module.trainable_blocks[0]
 
 
 def measure_variant(name: str, configs, num_labels: int, device, timing: Timing) -> dict:
@@ -352,15 +343,16 @@ def measure_variant(name: str, configs, num_labels: int, device, timing: Timing)
     with compile_limits(configs):
         v = build_variant(name, configs, num_labels, device)
         batch = random_batch(configs, num_labels, device)
-        for i, block in enumerate(v.blocks):  # every block trained once: all AdamW moments exist (steady state)
+        trainable = v.module.trainable_blocks
+        for i, block in enumerate(trainable):  # every block trained once: all AdamW moments exist (steady state)
             step_and_clear(v, batch, i, block)
         for i in range(timing.warmup_steps):
             step_and_clear(v, batch, i, drawn_block(v, i))
-        memory = max((measure_memory(v, batch, b) for b in v.blocks), key=lambda m: m["peak_memory_bytes"])
+        memory = max((measure_memory(v, batch, b) for b in trainable), key=lambda m: m["peak_memory_bytes"])
         steps = range(timing.warmup_steps, timing.warmup_steps + timing.steps)
         blocks = [drawn_block(v, i) for i in steps]
-        train_times = [timed(lambda i=i, b=b: step_and_clear(v, batch, i, b), device) for i, b in zip(steps, blocks)]
-        infer_times = infer_times_of(v, batch[0], timing, configs.model.seed) if v.can_sample else []
+        train_times = [timed(functools.partial(step_and_clear, v, batch, i, b), device) for i, b in zip(steps, blocks)]
+        infer_times = infer_times_of(v, batch[0], timing, configs.model.seed) if v.module.covers_all_blocks else []
     del v, batch
     gc.collect()
     if device.type == "cuda":
@@ -427,7 +419,8 @@ def loader_throughput(
     images = rng.integers(0, 256, (n, native_size, native_size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n)
     loader = DataLoader(
-        ArrayDataset(images, labels, train_transform(data, image_size, add_rand_aug=False)), batch_size=batch_size,
+        ArrayDataset(images, labels, train_transform(data, image_size, add_rand_aug=False, augment="released")),
+        batch_size=batch_size,
         shuffle=True, drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
     )

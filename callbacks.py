@@ -17,7 +17,7 @@ def attached_to_terminal() -> bool:
 class LineProgress(pl.Callback):
     """Print `step, epoch, block, loss, images/s, ETA` every `every_s` seconds of training (rank 0 only)."""
 
-    def __init__(self, every_s: float = 60.0):
+    def __init__(self, every_s: float):
         self.every_s = every_s
         self._last_time = 0.0
         self._last_step = 0

@@ -56,7 +56,6 @@ class DatasetInfo:
 
     num_classes: int
     image_size: int
-    in_channels: int = 3
 
 
 @dataclass(frozen=True)
@@ -75,10 +74,14 @@ class Source:
 
 SOURCES = {
     "cifar10": Source(
-        "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
+        "cifar-10-batches-py",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
     ),
     "cifar100": Source(
-        "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"
+        "cifar-100-python",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
     ),
     "tiny-imagenet": Source(
         "tiny-imagenet-200", "http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de"
@@ -108,8 +111,11 @@ def geometry(data: str, image_size: int, random_crop: bool) -> list:
     return [transforms.Resize(image_size), transforms.RandomCrop(image_size, padding=4)]
 
 
-def train_transform(data: str, image_size: int, add_rand_aug: bool, augment: Augment = "released") -> transforms.Compose:
-    """Training transform of `data`: the released augmentation or a part of it (`augment`), optionally with RandAugment."""
+def train_transform(
+    data: str, image_size: int, add_rand_aug: bool, augment: Augment
+) -> transforms.Compose:
+    """Training transform of `data`: the released augmentation or a part of it (`augment`), optionally with
+    RandAugment."""
     if augment not in AUGMENTS:
         raise UserError(f"unknown augmentation {augment!r}: choose one of {', '.join(AUGMENTS)}")
     steps = geometry(data, image_size, random_crop=augment in ("released", "crop"))
@@ -122,7 +128,8 @@ def train_transform(data: str, image_size: int, add_rand_aug: bool, augment: Aug
 
 def test_transform(data: str, image_size: int) -> transforms.Compose:
     """Deterministic evaluation transform of `data`."""
-    return transforms.Compose([*geometry(data, image_size, random_crop=False), transforms.ToTensor(), normalization(data)])
+    steps = geometry(data, image_size, random_crop=False)
+    return transforms.Compose([*steps, transforms.ToTensor(), normalization(data)])
 
 
 def rgb_loader(path: str) -> Image.Image:
@@ -213,7 +220,8 @@ class ResumableShuffleSampler(Sampler[tuple[int, int]]):
 
 def distributed() -> bool:
     """Whether this process is one of several DDP ranks (Lightning then shards the data itself)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def one_line(error: BaseException) -> str:
@@ -230,7 +238,9 @@ def check_dataset_name(data: str) -> None:
 def check_readable(path: Path) -> None:
     """Reject an existing folder this process may not list or read."""
     if path.exists() and not os.access(path, os.R_OK | os.X_OK):
-        raise UserError(f"{path} exists but is not readable: fix its permissions (chmod u+rx) or pass another --data_dir")
+        raise UserError(
+            f"{path} exists but is not readable: fix its permissions (chmod u+rx) or pass another --data_dir"
+        )
 
 
 def imagefolder_dirs(data_dir: Path) -> tuple[Path, Path]:
@@ -252,7 +262,9 @@ def folder_classes(folder: Path) -> list[str]:
     try:
         classes, _ = datasets.folder.find_classes(folder)
     except OSError as e:
-        raise UserError(f"no class folders in {folder} ({one_line(e)}): put each class's images in {folder}/<class>/") from e
+        raise UserError(
+            f"no class folders in {folder} ({one_line(e)}): put each class's images in {folder}/<class>/"
+        ) from e
     return classes
 
 
@@ -314,7 +326,9 @@ def extract_archive(archive: Path, data_dir: Path, folder: str) -> None:
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=data_dir))
     except OSError as e:
-        raise UserError(f"cannot write into {data_dir} ({one_line(e)}): make it writable or pass another --data_dir") from e
+        raise UserError(
+            f"cannot write into {data_dir} ({one_line(e)}): make it writable or pass another --data_dir"
+        ) from e
     try:
         if archive.suffix == ".zip":
             with zipfile.ZipFile(archive) as z:
@@ -369,7 +383,12 @@ def read_cifar_file(path: Path, root: Path, label_key: bytes, num_classes: int) 
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise corrupt(path, root, f"expected a dict with keys b'data' and {label_key!r}")
     images, labels = batch[b"data"], np.asarray(batch[label_key])
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != CIFAR_ROWS:
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 2
+        or images.shape[1] != CIFAR_ROWS
+    ):
         shape = getattr(images, "shape", None)
         raise corrupt(path, root, f"data must be uint8 with {CIFAR_ROWS} columns, got {type(images).__name__} {shape}")
     if labels.ndim != 1 or len(labels) != len(images):
@@ -424,7 +443,11 @@ def read_wnids(root: Path, num_classes: int) -> dict[str, int]:
 
 def tiny_imagenet_train(root: Path, labels: dict[str, int]) -> list[tuple[str, int]]:
     """(path, label) of every training image, from train/<wnid>/images/."""
-    samples = [(str(p), label) for wnid, label in labels.items() for p in sorted((root / "train" / wnid / "images").glob("*.JPEG"))]
+    samples = [
+        (str(p), label)
+        for wnid, label in labels.items()
+        for p in sorted((root / "train" / wnid / "images").glob("*.JPEG"))
+    ]
     if not samples:
         raise corrupt(root / "train", root, "no images in train/<wnid>/images/")
     return samples
@@ -466,7 +489,8 @@ def build_split(data: str, data_dir: Path, split: str, transform: transforms.Com
         train_classes, test_classes = folder_classes(train), folder_classes(test)
         if train_classes != test_classes:
             raise UserError(
-                f"class folders differ between {train} ({', '.join(train_classes)}) and {test} ({', '.join(test_classes)}): "
+                f"class folders differ between {train} ({', '.join(train_classes)}) "
+                f"and {test} ({', '.join(test_classes)}): "
                 "give both splits the same class folders"
             )
         return image_folder(train if split == "train" else test, transform)
@@ -553,7 +577,8 @@ class ImageDataModule(pl.LightningDataModule):
         return self.data in VALIDATION_SPLIT
 
     def val_dataloader(self) -> DataLoader:
-        """The test split again: Tiny-ImageNet's val/ is both splits, and --eval_every_n_epochs scores the test split."""
+        """The test split again: Tiny-ImageNet's val/ is both splits, and --eval_every_n_epochs scores the test
+        split."""
         return self.test_dataloader()
 
     def trainer_step(self) -> int:

@@ -27,22 +27,29 @@ from seeds import mix_seed
 from vit import ArchConfig
 
 NOISE_FEATURES = 256  # width of the sinusoidal noise-level features
+# B when neither --num_blocks nor --layers_per_block is given (released); train's --num_blocks defaults to None
+# because the layout's length is the other default.
+RELEASED_NUM_BLOCKS = 3
 
 
 @dataclass(frozen=True)
 class DBlockConfig:
-    """Block layout, noise partition and the released program's two switchable quirks."""
+    """Block layout, noise partition and the released program's two switchable quirks.
 
-    num_blocks: int = 3
-    gamma: float = 0.05  # log-space overlap between neighbouring blocks' training ranges
+    No field has a default: train's flags (main.py) are the one source; `config.default_configs().dblock` is the
+    default configuration, `dataclasses.replace` of it a variant.
+    """
+
+    num_blocks: int
+    gamma: float  # log-space overlap between neighbouring blocks' training ranges
     # Layers of each block, block 0 (highest noise) first; None = the even split (released).
-    layers_per_block: tuple[int, ...] | None = None
-    partition: str = "equiprob"  # block boundaries: equi-probability (released) or uniform in log sigma
+    layers_per_block: tuple[int, ...] | None
+    partition: str  # block boundaries: equi-probability (released) or uniform in log sigma
     # Released quirk (a): loss = mean(CE) * mean(w) instead of the paper's mean(CE * w).
-    batch_mean_loss_weight: bool = True
+    batch_mean_loss_weight: bool
     # Released quirk (b): the inference bridge mixes RAW label-embedding rows, although training
     # targets are the L2-normalised rows.
-    raw_embedding_bridge: bool = True
+    raw_embedding_bridge: bool
 
     def layout(self, num_layers: int) -> tuple[int, ...]:
         """Number of layers in each block, block 0 first."""
@@ -91,13 +98,14 @@ def parse_layers_per_block(text: str | None) -> tuple[int, ...] | None:
 
 
 def resolve_num_blocks(num_blocks: int | None, layout: tuple[int, ...] | None) -> int:
-    """B: --num_blocks if given (it must agree with --layers_per_block), else the layout's length, else 3."""
+    """B: --num_blocks if given (it must agree with --layers_per_block), else the layout's length, else the
+    released 3."""
     if layout is not None and num_blocks is not None and num_blocks != len(layout):
         raise UserError(
             f"--num_blocks {num_blocks} disagrees with --layers_per_block {','.join(map(str, layout))} "
             f"({len(layout)} blocks): drop one of them"
         )
-    return num_blocks or (len(layout) if layout else 3)
+    return num_blocks or (len(layout) if layout else RELEASED_NUM_BLOCKS)
 
 
 def sinusoidal_features(x: torch.Tensor, dim: int = NOISE_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
@@ -218,7 +226,7 @@ class DiffusionBlocksViT(NoisePartition, nn.Module):
         *,
         arch: ArchConfig,
         num_labels: int,
-        dcfg: DBlockConfig = DBlockConfig(),
+        dcfg: DBlockConfig,
         edm_cfg: edm.EDMConfig = edm.EDMConfig(),
         built_blocks: tuple[int, ...] | None = None,
         label_seed: int | None = None,
@@ -497,15 +505,8 @@ def sampler_steps(
             z = edm.euler_step(z, denoised, sigma, sigmas[i + 1])
 
 
-def sample_logits(
-    model: DiffusionBlocksViT,
-    images: torch.Tensor,
-    num_steps: int,
-    cfg_scale: float = 0.0,
-    generator: torch.Generator | None = None,
-    z0: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Class logits (N, num_labels) of the sampler's last step (see sampler_steps)."""
-    for step in sampler_steps(model, images, num_steps, cfg_scale, generator, z0):
+def sample_logits(*args, **kwargs) -> torch.Tensor:
+    """Class logits (N, num_labels) of the sampler's last step; the arguments are sampler_steps's."""
+    for step in sampler_steps(*args, **kwargs):
         pass
     return step.logits

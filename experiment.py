@@ -28,10 +28,12 @@ RUN_NAME_ENV = "DIFFUSIONBLOCKS_RUN_NAME"  # shared with the DDP worker processe
 
 # ---- run folders ------------------------------------------------------------------------------
 def default_run_name(model_type: str, postfix: str) -> str:
-    """`<local timestamp>-<model_type><postfix>`, or `slurm-<job id>-...` inside a Slurm job so a requeued job finds its folder."""
+    """`<local timestamp>-<model_type><postfix>`, or `slurm-<job id>-...` inside a Slurm job so a requeued job finds
+    its folder."""
     if os.environ.get(RUN_NAME_ENV):
         return os.environ[RUN_NAME_ENV]
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = array_job and f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
     job = job or os.environ.get("SLURM_JOB_ID")
     stamp = f"slurm-{job}" if job else datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{model_type}{postfix}"
@@ -54,7 +56,10 @@ def find_resume_checkpoint(run_dir: Path) -> str | None:
     if not candidates:
         return None
     newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
-    print(f"resuming from {newest} (the run folder {run_dir} already holds a checkpoint; pick another --run_name for a fresh run)")
+    print(
+        f"resuming from {newest} (the run folder {run_dir} already holds a checkpoint; "
+        "pick another --run_name for a fresh run)"
+    )
     return str(newest)
 
 
@@ -88,15 +93,21 @@ def make_logger(kind: str, *, data: str, run_name: str, run_dir: Path, debug: bo
         return CSVLogger(save_dir=str(run_dir), name="csv")
     offline = debug or os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled")
     if not offline and not wandb_has_credentials():
-        warnings.warn("no Weights & Biases credentials found (run `wandb login`): logging offline to the run folder", stacklevel=2)
+        warnings.warn(
+            "no Weights & Biases credentials found (run `wandb login`): logging offline to the run folder", stacklevel=2
+        )
         offline = True
     # The W&B run id is derived from the run name so a resumed or requeued job continues the same W&B run.
     run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]
-    return WandbLogger(project=f"dblocks-{data}", name=run_name, id=run_id, save_dir=str(run_dir), offline=offline, resume="allow")
+    return WandbLogger(
+        project=f"dblocks-{data}", name=run_name, id=run_id, save_dir=str(run_dir), offline=offline, resume="allow"
+    )
 
 
 # ---- evaluation and checkpoints ---------------------------------------------------------------
-def evaluation_schedule(has_validation_split: bool, save_every_n_epochs: int, eval_every_n_epochs: int | None) -> dict[str, int]:
+def evaluation_schedule(
+    has_validation_split: bool, save_every_n_epochs: int, eval_every_n_epochs: int | None
+) -> dict[str, int]:
     """Metric prefix -> epochs between scorings of the test split during training.
 
     "val" (released, datasets with a validation split only): at every periodic checkpoint, to keep the best ones.
@@ -110,19 +121,28 @@ def evaluation_schedule(has_validation_split: bool, save_every_n_epochs: int, ev
 
 # ---- checkpoints ------------------------------------------------------------------------------
 def read_checkpoint(path: str) -> dict:
-    """Open a checkpoint safely (weights_only): one written by this program, or one of the released program, converted."""
+    """Open a checkpoint safely (weights_only): one written by this program, or one of the released program,
+    converted."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"checkpoint {path} does not exist: pass --ckpt_path a .ckpt file written by train, e.g. logs/<run>/last.ckpt")
+        raise UserError(
+            f"checkpoint {path} does not exist: "
+            "pass --ckpt_path a .ckpt file written by train, e.g. logs/<run>/last.ckpt"
+        )
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}): use another checkpoint from the run folder") from None
+        raise UserError(
+            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}): "
+            "use another checkpoint from the run folder"
+        ) from None
     if released.is_released_checkpoint(ckpt):
         return released.convert_checkpoint(ckpt, path)
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or hparams.get("model_type") not in MODEL_TYPES:
-        raise UserError(f"checkpoint {path} was not written by this program's train command: pass a logs/<run>/*.ckpt file")
+        raise UserError(
+            f"checkpoint {path} was not written by this program's train command: pass a logs/<run>/*.ckpt file"
+        )
     return ckpt
 
 
@@ -141,7 +161,9 @@ def module_from_checkpoint(
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError:
-        raise UserError(f"checkpoint {path} does not match the architecture in its own hyper-parameters: it is damaged, use another") from None
+        raise UserError(
+            f"checkpoint {path} does not match the architecture in its own hyper-parameters: it is damaged, use another"
+        ) from None
     return module
 
 
@@ -149,7 +171,10 @@ def check_resumable(ckpt: dict, path: str, hparams) -> None:
     """Resuming needs the same model type, architecture and class count as the checkpoint's."""
     saved = ckpt["hyper_parameters"]
     if ckpt.get(released.CONVERTED):
-        raise UserError(f"checkpoint {path} is the released program's: `main.py test` scores it, but training cannot resume from it; start a new run")
+        raise UserError(
+            f"checkpoint {path} is the released program's: `main.py test` scores it, "
+            "but training cannot resume from it; start a new run"
+        )
     keys = ("model_type", "arch", "num_labels")
     if saved.get("model_type") == "dblock":
         keys += ("num_blocks", "layers_per_block", "partition", "train_blocks")
@@ -188,8 +213,8 @@ def make_trainer(
     save_every_n_epochs: int,
     save_top_k: int,
     find_unused_parameters: bool,
-    progress_every_s: float = 60.0,
-    log_every_n_steps: int = 50,
+    progress_every_s: float,
+    log_every_n_steps: int,
     validate_every: int | None = None,
     best_by: str | None = None,
     callbacks: tuple[pl.Callback, ...] = (),
@@ -204,7 +229,8 @@ def make_trainer(
         # As released: fp32 weights and activations, TF32 tensor cores for matmuls on Ampere and newer.
         torch.set_float32_matmul_precision("high")
     checkpoint = RunCheckpoint(
-        dirpath=str(run_dir), filename="{epoch}-{step}", every_n_epochs=save_every_n_epochs, save_top_k=save_top_k, save_last=True,
+        dirpath=str(run_dir), filename="{epoch}-{step}", every_n_epochs=save_every_n_epochs, save_top_k=save_top_k,
+        save_last=True,
         monitor=best_by, mode="max",
     )
     extra = [LearningRateMonitor(logging_interval="step")] if logger else []
@@ -236,7 +262,8 @@ def make_trainer(
 
 
 def write_predictions(path: Path, module: LitClassifier) -> None:
-    """predictions.csv: one row per test image in dataset order (index, label, prediction), to compare runs image by image."""
+    """predictions.csv: one row per test image in dataset order (index, label, prediction), to compare runs image by
+    image."""
     rows = torch.cat(module.predictions).tolist() if module.predictions else []
     lines = ["index,label,prediction", *(f"{i},{label},{pred}" for i, (label, pred) in enumerate(rows))]
     write_text_atomic(path, "\n".join(lines) + "\n")

@@ -91,7 +91,8 @@ def train(
     """Train a model, save checkpoints in logs/<run_name>/, then test the best (validation split) or the final weights.
 
     Args:
-        data: Dataset: cifar10, cifar100, tiny-imagenet or imagefolder (class folders under --data_dir/train and /test).
+        data: Dataset: cifar10, cifar100, tiny-imagenet, digits (scikit-learn's bundled 8x8 digits, no download) or
+            imagefolder (class folders under --data_dir/train and /test).
         model_type: vit (end-to-end baseline) or dblock (DiffusionBlocks, one block trained per step).
         data_dir: Folder holding (or receiving) the dataset files.
         run_name: Run folder name under logs/ (default: <timestamp>-<model_type><postfix>, or slurm-<job id>-... under
@@ -187,7 +188,7 @@ def test(
     """Score a checkpoint on DATA's test split; metrics.json goes next to it (Hub models: logs/hf-OWNER--NAME/).
 
     Args:
-        data: Dataset: cifar10, cifar100, tiny-imagenet or imagefolder.
+        data: Dataset: cifar10, cifar100, tiny-imagenet, digits or imagefolder.
         ckpt_path: Checkpoint written by train, a folder written by push, or hf://OWNER/NAME[@REVISION] (architecture
             and model type are read from it).
         model_type: Optional check: must match the checkpoint's model type.
@@ -248,8 +249,8 @@ def bench(
     """Measure peak training memory (by component), step and inference times of vit and dblock variants, loader speed.
 
     Args:
-        data: Dataset whose shape is used: cifar10, cifar100, tiny-imagenet or imagefolder (inputs are random; no image
-            is read).
+        data: Dataset whose shape is used: cifar10, cifar100, tiny-imagenet, digits or imagefolder (inputs are random;
+            no image is read).
         batch_size: Training and inference batch size.
         num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of
             --layers_per_block).

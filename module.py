@@ -107,6 +107,8 @@ class LitClassifier(
 
     `hparams` are the checkpoint's hyper-parameters (config.to_hparams): plain Python values, so checkpoints open
     with torch.load(weights_only=True); missing ones take train's defaults. `scoring` says how the run scores.
+    `augment` is kept only as a record of how the run was trained: the data module applies it, this class never
+    reads it.
     The Hugging Face mixin gives `save_pretrained` (model.safetensors + config.json of the hyper-parameters)
     and `LitClassifier.from_pretrained("OWNER/NAME" or a folder)`, which rebuilds the model from config.json
     alone and returns it in eval mode (see hub/ and `main.py push`).

@@ -148,7 +148,7 @@ class BlockOffloader:
     same code path (real copies) runs on a CPU-only machine, where tests check that it changes nothing.
     """
 
-    def __init__(self, blocks: nn.ModuleList, *, offload_weights: bool = False):
+    def __init__(self, blocks: nn.ModuleList, *, offload_weights: bool):
         self.blocks = blocks
         self.offload_weights = offload_weights
         # Lightning puts the whole model (and any restored optimizer state) on the device first.

@@ -20,10 +20,12 @@ class PaperResult:
 
     def layout(self) -> tuple[int, ...]:
         """Layers per block, block 0 first, split as the model splits them (DBlockConfig.layout)."""
-        from dblock import DBlockConfig
-        from vit import default_arch
+        from dataclasses import replace
 
-        return DBlockConfig(num_blocks=self.num_blocks).layout(default_arch(self.data).num_hidden_layers)
+        from config import default_configs
+
+        configs = default_configs(self.data)
+        return replace(configs.dblock, num_blocks=self.num_blocks).layout(configs.arch.num_hidden_layers)
 
 
 PAPER_TABLE1 = (

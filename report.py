@@ -13,14 +13,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import io
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from errors import UserError
-from fileio import check_writable, read_mapping, write_output
+from fileio import check_writable, read_mapping, render_png, write_output
 from paper import PaperResult, layout_text, paper_results
 
 UNKNOWN, NOT_APPLICABLE = "?", "-"
@@ -453,10 +452,3 @@ def plot_runs(runs: list[Run]):
         if ax.get_lines():
             ax.legend(fontsize=7)
     return fig
-
-
-def render_png(fig) -> bytes:
-    """The figure as PNG bytes, rendered before any file is written."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()

@@ -186,5 +186,5 @@ def scoring_trainer(configs: Configs, run_dir: Path) -> pl.Trainer:
     return make_trainer(
         run_dir=run_dir, logger=False, accelerator=r.accelerator, devices=1, num_nodes=1, precision=r.precision,
         max_epochs=1, max_steps=-1, accumulate_grad_batches=1, save_every_n_epochs=1, save_top_k=0,
-        find_unused_parameters=False,
+        find_unused_parameters=False, progress_every_s=r.progress_every_s, log_every_n_steps=r.log_every_n_steps,
     )

@@ -33,7 +33,9 @@ class ArchConfig:
 
     def __post_init__(self) -> None:
         """Reject shapes no transformer can have, with a message naming the flag to change."""
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "image_size"):
+        for name in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "image_size"
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
@@ -42,7 +44,9 @@ class ArchConfig:
                 "choose a head count that divides the hidden size"
             )
         if self.image_size % self.patch_size:
-            raise UserError(f"--patch_size {self.patch_size} does not divide --image_size {self.image_size}: choose one that does")
+            raise UserError(
+                f"--patch_size {self.patch_size} does not divide --image_size {self.image_size}: choose one that does"
+            )
 
     @property
     def num_patches(self) -> int:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import main
 from block_trace import BLOCK_TRACE_ENV
+from tiny import tiny_arch_flags
 
-TINY_ARCH = [
-    "--hidden_size", "24", "--num_hidden_layers", "6", "--num_attention_heads", "2",
-    "--intermediate_size", "48", "--patch_size", "8",
+TINY_ARCH = tiny_arch_flags()
+FAST = [
+    "--batch_size", "8", "--num_workers", "0", "--accelerator", "cpu", "--logger", "csv", "--progress_every_s", "0",
+    "--log_every_n_steps", "1",
 ]
-FAST = ["--batch_size", "8", "--num_workers", "0", "--accelerator", "cpu", "--logger", "csv", "--progress_every_s", "0", "--log_every_n_steps", "1"]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -28,14 +27,17 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def train_args(data_dir: Path, run_name: str, *extra: str, data: str = "cifar100", model_type: str = "vit", steps: int = 2) -> list[str]:
+def train_args(
+    data_dir: Path, run_name: str, *extra: str, data: str = "cifar100", model_type: str = "vit", steps: int = 2
+) -> list[str]:
     """A tiny, fast training command."""
     return ["train", data, "--model_type", model_type, "--data_dir", data_dir, "--run_name", run_name,
             "--max_steps", str(steps), *TINY_ARCH, *FAST, *extra]
 
 
 def traced_training(args: list[str], trace_dir: Path, monkeypatch, capsys) -> list[dict]:
-    """Train through the CLI with the block trace on; returns rank 0's per-step records (block, blocks_with_grad, ...)."""
+    """Train through the CLI with the block trace on; returns rank 0's per-step records (block, blocks_with_grad,
+    ...)."""
     trace_dir.mkdir()
     monkeypatch.setenv(BLOCK_TRACE_ENV, str(trace_dir))
     code, _, err = run_cli(args, capsys)
@@ -56,11 +58,3 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
 
-
-@pytest.fixture
-def cifar_dir(tmp_path, monkeypatch):
-    """A synthetic CIFAR-100 in the real on-disk format, with the working directory set to tmp_path (logs/ land there)."""
-    from synthetic import write_cifar
-
-    monkeypatch.chdir(tmp_path)
-    return write_cifar(tmp_path / "data", "cifar100", n_train=32, n_test=12)

@@ -38,3 +38,13 @@ def offline_environment(monkeypatch):
     monkeypatch.delenv("DIFFUSIONBLOCKS_RUN_NAME", raising=False)
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def cifar_dir(tmp_path, monkeypatch):
+    """A synthetic CIFAR-100 in the real on-disk format, with the working directory set to tmp_path (logs/ land
+    there)."""
+    from synthetic import write_cifar
+
+    monkeypatch.chdir(tmp_path)
+    return write_cifar(tmp_path / "data", "cifar100", n_train=32, n_test=12)

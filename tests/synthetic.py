@@ -10,7 +10,10 @@ import numpy as np
 from PIL import Image
 
 CIFAR_LAYOUT = {
-    "cifar10": {"folder": "cifar-10-batches-py", "classes": 10, "train": [f"data_batch_{i}" for i in range(1, 6)], "test": "test_batch"},
+    "cifar10": {
+        "folder": "cifar-10-batches-py", "classes": 10, "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": "test_batch",
+    },
     "cifar100": {"folder": "cifar-100-python", "classes": 100, "train": ["train"], "test": "test"},
 }
 
@@ -83,8 +86,11 @@ def cifar_batch(name: str, labels: np.ndarray, images: np.ndarray, batch_label: 
     return batch
 
 
-def write_cifar(root, name="cifar100", n_train=64, n_test=32, num_classes=None, seed=0, learnable=False, bands=False) -> Path:
-    """Write <root>/cifar-100-python/{train,test,meta} or <root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}; returns root.
+def write_cifar(
+    root, name="cifar100", n_train=64, n_test=32, num_classes=None, seed=0, learnable=False, bands=False
+) -> Path:
+    """Write <root>/cifar-100-python/{train,test,meta} or
+    <root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}; returns root.
 
     Images are uniform noise; with `learnable` each class is a flat colour plus noise; with `bands` the
     labels are 0..5 and each class is an order of three colour bands (band_images), all with the same colours.
@@ -113,7 +119,8 @@ def write_cifar(root, name="cifar100", n_train=64, n_test=32, num_classes=None, 
     if name == "cifar10":
         pickle_to(folder / "batches.meta", {b"num_cases_per_batch": 10000, b"label_names": names, b"num_vis": 3072})
     else:
-        pickle_to(folder / "meta", {b"fine_label_names": names, b"coarse_label_names": [f"super_{c}".encode() for c in range(20)]})
+        coarse = [f"super_{c}".encode() for c in range(20)]
+        pickle_to(folder / "meta", {b"fine_label_names": names, b"coarse_label_names": coarse})
     return root
 
 
@@ -137,7 +144,8 @@ def write_imagefolder(root, n_per_class=4, classes=("cat", "dog"), size=32, spli
 
 
 def write_tiny_imagenet(root, n_per_class=2, wnids=("n01443537", "n01629819"), size=64) -> Path:
-    """Write <root>/tiny-imagenet-200 in the real layout (wnids.txt, train/, val/ with annotations, test/); returns root."""
+    """Write <root>/tiny-imagenet-200 in the real layout (wnids.txt, train/, val/ with annotations, test/); returns
+    root."""
     root = Path(root)
     base = root / "tiny-imagenet-200"
     base.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import accelerator
-from cli_helpers import assert_one_line_error, cifar_dir, run_cli, train_args  # noqa: F401 (fixture)
+from cli_helpers import assert_one_line_error, run_cli, train_args
 from errors import UserError
 
 DRIVER_535 = "535.104.05"  # the CUDA 12.2 series the paper's machines ran

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import FAST, TINY_ARCH, assert_one_line_error, cifar_dir, run_cli, train_args  # noqa: F401 (fixture)
+from cli_helpers import assert_one_line_error, run_cli, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,10 @@ def no_run_folders() -> bool:
 TRAIN_CASES = {
     "unknown DATA": (["train", "mnist"], ["data", "mnist"]),
     "unknown model type": (["--model_type", "resnet"], ["model_type", "resnet"]),
-    "malformed JSON": (["--scheduler_specific_kwargs", "{min_lr: 5e-5"], ["--scheduler_specific_kwargs", "not valid JSON"]),
+    "unknown optimizer": (["--optimizer", "sgd"], ["optimizer", "sgd"]),  # the released flag takes adamw only
+    "malformed JSON": (
+        ["--scheduler_specific_kwargs", "{min_lr: 5e-5"], ["--scheduler_specific_kwargs", "not valid JSON"]
+    ),
     "JSON not an object": (["--scheduler_specific_kwargs", "[1, 2]"], ["JSON object"]),
     "unknown scheduler": (["--scheduler_type", "cosine_annealing"], ["scheduler_type", "cosine_annealing"]),
     "scheduler missing kwargs": (["--scheduler_type", "cosine_with_min_lr"], ["cosine_with_min_lr", "min_lr"]),
@@ -61,7 +64,8 @@ def test_bad_train_input(case, cifar_dir, capsys):
 def test_missing_data_offline_names_url_and_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(train_args(tmp_path / "empty", "x"), capsys)
-    assert_one_line_error(code, err, "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", str(tmp_path / "empty"))
+    url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    assert_one_line_error(code, err, url, str(tmp_path / "empty"))
     assert no_run_folders()
 
 
@@ -89,7 +93,8 @@ def trained_vit(cifar_dir, capsys):
 
 
 def _test(cifar_dir, ckpt, *extra):
-    return ["test", "cifar100", "--ckpt_path", ckpt, "--data_dir", cifar_dir, "--num_workers", "0", "--accelerator", "cpu", *extra]
+    return ["test", "cifar100", "--ckpt_path", ckpt, "--data_dir", cifar_dir, "--num_workers", "0",
+            "--accelerator", "cpu", *extra]
 
 
 def test_missing_checkpoint(cifar_dir, capsys):
@@ -125,13 +130,16 @@ def test_checkpoint_of_another_class_count(trained_vit, tmp_path, capsys):
     from synthetic import write_cifar
 
     c10 = write_cifar(tmp_path / "c10", "cifar10", n_train=8, n_test=4)
-    code, _, err = run_cli(["test", "cifar10", "--ckpt_path", trained_vit, "--data_dir", c10, "--num_workers", "0"], capsys)
+    args = ["test", "cifar10", "--ckpt_path", trained_vit, "--data_dir", c10, "--num_workers", "0"]
+    code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, "100 classes", "cifar10 has 10")
 
 
 def test_real_process_exit_code_and_single_line(tmp_path):
     """The installed entry point itself (not only main()) exits non-zero with one line and no traceback."""
-    proc = subprocess.run([sys.executable, REPO / "main.py", "train", "cifar100", "--batch_size", "0", "--data_dir", tmp_path],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, REPO / "main.py", "train", "cifar100", "--batch_size", "0", "--data_dir", tmp_path],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert_one_line_error(proc.returncode, proc.stderr, "--batch_size")

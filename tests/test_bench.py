@@ -10,12 +10,15 @@ from torch import nn
 
 import bench
 import main
-from dblock import DBlockConfig, DiffusionBlocksViT
+from dblock import DiffusionBlocksViT
+from tiny import dblock_config, tiny_arch, tiny_arch_flags
 from vit import ViTClassifier, default_arch
 
-ARCH = {"hidden_size": 24, "num_hidden_layers": 6, "num_attention_heads": 2, "intermediate_size": 48, "patch_size": 8}
-ARCH_FLAGS = [str(x) for name, value in ARCH.items() for x in (f"--{name}", value)]
-FAST = ["--batch_size", "8", "--steps", "1", "--warmup_steps", "1", "--num_workers", "0", "--loader_batches", "2", "--accelerator", "cpu"]
+ARCH_FLAGS = tiny_arch_flags()
+FAST = [
+    "--batch_size", "8", "--steps", "1", "--warmup_steps", "1", "--num_workers", "0", "--loader_batches", "2",
+    "--accelerator", "cpu",
+]
 NUM_BLOCKS, NUM_LABELS = 3, 100
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -35,7 +38,8 @@ def run_bench(args: list[str]) -> tuple[int, str, str]:
 def tiny_run(tmp_path_factory):
     """One tiny benchmark run on CPU: (report JSON, printed table, PNG path)."""
     folder = tmp_path_factory.mktemp("bench")
-    code, out, err = run_bench([*ARCH_FLAGS, *FAST, "--output", str(folder / "b.json"), "--plot", str(folder / "b.png")])
+    outputs = ["--output", str(folder / "b.json"), "--plot", str(folder / "b.png")]
+    code, out, err = run_bench([*ARCH_FLAGS, *FAST, *outputs])
     assert code == 0, err
     return json.loads((folder / "b.json").read_text()), out, folder / "b.png"
 
@@ -48,11 +52,13 @@ def numel(params) -> int:
 @pytest.fixture(scope="module")
 def counts() -> dict[str, int]:
     """Exact parameter counts of the tiny models: vit, all of dblock, and one block plus the shared stem and head."""
-    arch = default_arch("cifar100", **ARCH)
+    arch = tiny_arch(image_size=default_arch("cifar100").image_size)  # the size bench gives cifar100
     vit = ViTClassifier(arch=arch, num_labels=NUM_LABELS)
-    db = DiffusionBlocksViT(arch=arch, num_labels=NUM_LABELS, dcfg=DBlockConfig(num_blocks=NUM_BLOCKS))
+    db = DiffusionBlocksViT(arch=arch, num_labels=NUM_LABELS, dcfg=dblock_config(num_blocks=NUM_BLOCKS))
     block = max(numel(b.parameters()) for b in db.blocks)
-    return {"vit": numel(vit.parameters()), "all": numel(db.parameters()), "trained": block + numel(db.shared_parameters())}
+    return {
+        "vit": numel(vit.parameters()), "all": numel(db.parameters()), "trained": block + numel(db.shared_parameters())
+    }
 
 
 def test_report_has_every_key_and_positive_numbers(tiny_run):

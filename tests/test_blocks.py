@@ -11,12 +11,10 @@ import torch
 
 import dblock
 import edm
-from cli_helpers import assert_one_line_error, cifar_dir, run_cli, traced_training, train_args  # noqa: F401 (fixture)
-from vit import ArchConfig
+from cli_helpers import assert_one_line_error, run_cli, traced_training, train_args
+from tiny import dblock_config, tiny_arch
 
-ARCH = ArchConfig(
-    hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16
-)
+ARCH = tiny_arch()
 SPEC_RANGES = {  # SPEC section 4, block 0 first
     2: [(0.3012001, 80.0), (0.002, 0.3012001)],
     3: [(0.50504146, 80.0), (0.17963247, 0.50504146), (0.002, 0.17963247)],
@@ -26,7 +24,7 @@ SPEC_WIDENED_B3 = [(0.39205, 80.0), (0.17058, 0.53183), (0.002, 0.22493)]
 
 
 def model(**dcfg) -> dblock.DiffusionBlocksViT:
-    return dblock.DiffusionBlocksViT(arch=ARCH, num_labels=5, dcfg=dblock.DBlockConfig(**dcfg))
+    return dblock.DiffusionBlocksViT(arch=ARCH, num_labels=5, dcfg=dblock_config(**dcfg))
 
 
 def layer_params(m) -> int:
@@ -117,7 +115,10 @@ def test_denoiser_is_c_skip_z_plus_c_out_F_x():
 
 
 def test_assembled_blocks_denoise_with_the_member_that_trained_the_block():
-    members = [dblock.DiffusionBlocksViT(arch=ARCH, num_labels=5, built_blocks=b, label_seed=4) for b in ((0,), (1, 2))]
+    members = [
+        dblock.DiffusionBlocksViT(arch=ARCH, num_labels=5, dcfg=dblock_config(), built_blocks=b, label_seed=4)
+        for b in ((0,), (1, 2))
+    ]
     assembled = dblock.AssembledBlocks([perturbed(m).eval() for m in members])
     x, z, sigma = torch.randn(2, 3, 16, 16), torch.randn(2, 24), torch.full((2,), 0.3)
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 import inspect
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import yaml
 
 import main
-from cli_helpers import FAST, TINY_ARCH, cifar_dir, read_metrics, run_cli, train_args  # noqa: F401 (fixture)
+from cli_helpers import FAST, TINY_ARCH, read_metrics, run_cli, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +74,9 @@ def test_train_then_test(cifar_dir, capsys, model_type, scoring_record):
     assert {"train/loss", "test/acc", "test/f1"} <= set(logged)
     if model_type == "dblock":  # per-block curves of whichever blocks were drawn
         assert "train/ce_loss" in logged and any(k.startswith("train/loss_") for k in logged)
-    code, out, err = run_cli(["test", "cifar100", "--ckpt_path", run / "last.ckpt", "--data_dir", cifar_dir, "--batch_size", "8",
-                              "--num_workers", "0", "--accelerator", "cpu", "--model_type", model_type], capsys)
+    code, out, err = run_cli(["test", "cifar100", "--ckpt_path", run / "last.ckpt", "--data_dir", cifar_dir,
+                              "--batch_size", "8", "--num_workers", "0", "--accelerator", "cpu",
+                              "--model_type", model_type], capsys)
     assert code == 0, err
     tested = read_metrics(run / "metrics.json")
     assert tested["num_test_images"] == 12 and tested["ckpt_path"].endswith("last.ckpt")
@@ -145,7 +147,7 @@ def test_imagefolder_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     root = write_imagefolder(tmp_path / "folder", n_per_class=4, classes=("cat", "dog", "eel"), size=16, split="val")
     code, _, err = run_cli(["train", "imagefolder", "--data_dir", root, "--run_name", "if", "--max_steps", "1",
-                            "--image_size", "16", *TINY_ARCH, *FAST], capsys)
+                            "--image_size", "16", "--optimizer", "adamw", *TINY_ARCH, *FAST], capsys)
     assert code == 0, err
     m = read_metrics("logs/if/metrics.json")
     assert m["num_test_images"] == 12
@@ -190,7 +192,20 @@ def test_help_explains_every_flag(command, capsys, monkeypatch):
     for name in flags:
         assert f"--{name}" in entries, f"--{name} missing from `main.py {command} --help`"
         explanation = entries[f"--{name}"].split("(type:")[0].strip()
-        assert len(explanation) >= 10, f"--{name} is not explained: document it under Args: in {function.__name__}'s docstring"
+        assert len(explanation) >= 10, (
+            f"--{name} is not explained: document it under Args: in {function.__name__}'s docstring"
+        )
+
+
+@pytest.mark.parametrize("command", ["train", "test", "bench"])
+def test_help_of_data_names_every_dataset(command):
+    """The DATA positional's help lists every choice of flags.Data (its docstring entry, up to the next flag)."""
+    import flags
+
+    doc = inspect.getdoc(main.COMMANDS[command])
+    entry = re.search(r"^ *data: (.*?)(?=^ *\w+: )", doc, re.S | re.M).group(1)
+    missing = [name for name in typing.get_args(flags.Data) if not re.search(rf"(?<![\w-]){name}(?![\w-])", entry)]
+    assert not missing, f"`main.py {command}` help for DATA does not name {missing}"
 
 
 def flag_reference_sections() -> dict[str, str]:

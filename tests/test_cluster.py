@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import FAST, TINY_ARCH, cifar_dir, read_metrics, run_cli, train_args  # noqa: F401 (fixture)
+from cli_helpers import FAST, TINY_ARCH, read_metrics, run_cli, train_args
 from block_trace import BLOCK_TRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,8 @@ def test_non_finite_loss_stops_with_step_block_and_last_good_checkpoint(cifar_di
         return loss * float("nan") if len(calls) == 6 else loss
 
     monkeypatch.setattr(dblock, "reduce_loss", poisoned)
-    code, _, err = run_cli(train_args(cifar_dir, "nan", "--save_every_n_epochs", "1", model_type="dblock", steps=4), capsys)
+    args = train_args(cifar_dir, "nan", "--save_every_n_epochs", "1", model_type="dblock", steps=4)
+    code, _, err = run_cli(args, capsys)
     assert code == 2 and "Traceback" not in err
     # Training had started, so Lightning's own notices may precede it; the error itself is one last line.
     line = err.strip().splitlines()[-1]
@@ -126,8 +127,8 @@ def test_offloading_gives_the_same_training(cifar_dir, capsys, monkeypatch, offl
 
 def _slurm_process(tmp_path, data_dir, max_steps, fake_bin):
     env = {**os.environ, **SLURM_ENV, "PATH": f"{fake_bin}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(REPO / "main.py"), "train", "cifar100", "--model_type", "dblock", "--data_dir", str(data_dir),
-           "--max_steps", str(max_steps), *TINY_ARCH, *FAST]
+    cmd = [sys.executable, str(REPO / "main.py"), "train", "cifar100", "--model_type", "dblock",
+           "--data_dir", str(data_dir), "--max_steps", str(max_steps), *TINY_ARCH, *FAST]
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -173,7 +174,8 @@ def test_ddp_two_cpu_processes_train_the_same_block_with_their_own_noise(tmp_pat
     trace = tmp_path / "trace"
     trace.mkdir()
     env = {**os.environ, BLOCK_TRACE_ENV: str(trace), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(REPO / "tests" / "traced_main.py"), *train_args(cifar_dir, "ddp", "--devices", "2", model_type="dblock", steps=2)]
+    args = train_args(cifar_dir, "ddp", "--devices", "2", model_type="dblock", steps=2)
+    cmd = [sys.executable, str(REPO / "tests" / "traced_main.py"), *args]
     proc = subprocess.run([str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [[json.loads(line) for line in (trace / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
@@ -198,5 +200,6 @@ def test_gradients_are_cleared_before_each_forward(cifar_dir, capsys, monkeypatc
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(dblock, "block_losses", watching)
-    assert run_cli(train_args(cifar_dir, "grads", "--offload_weights", "true", model_type="dblock", steps=2), capsys)[0] == 0
+    args = train_args(cifar_dir, "grads", "--offload_weights", "true", model_type="dblock", steps=2)
+    assert run_cli(args, capsys)[0] == 0
     assert len(stale) == 6 and not any(stale)

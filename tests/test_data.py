@@ -1,4 +1,5 @@
-"""Data module facts: on-disk formats, splits, transforms, loaders, download and every user-facing error, all offline."""
+"""Data module facts: on-disk formats, splits, transforms, loaders, download and every user-facing error, all
+offline."""
 
 import dataclasses
 import hashlib
@@ -20,7 +21,10 @@ from torchvision import transforms
 
 import data
 # test_transform is reached through `data.` so pytest does not collect it as a test.
-from data import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, ImageDataModule, dataset_info, train_transform
+from data import (
+    CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, ImageDataModule, dataset_info,
+    train_transform,
+)
 from errors import UserError
 from tests.synthetic import write_cifar, write_imagefolder, write_tiny_imagenet
 
@@ -52,7 +56,7 @@ def batch_sizes(loader) -> list[int]:
 def test_cifar100_splits_and_loaders(tmp_path):
     write_cifar(tmp_path, "cifar100", n_train=64, n_test=32)
     dm = ready(ImageDataModule("cifar100", str(tmp_path), batch_size=10, eval_batch_size=7, num_workers=0))
-    assert dm.info == DatasetInfo(num_classes=100, image_size=32, in_channels=3)
+    assert dm.info == DatasetInfo(num_classes=100, image_size=32)
     assert (len(dm.train_set), len(dm.test_set)) == (64, 32)
     x, y = dm.train_set[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
@@ -99,7 +103,7 @@ T = transforms
 
 @pytest.mark.parametrize("name", CIFAR_LIKE)
 def test_cifar_train_transform_is_exactly_the_released_recipe(name):
-    steps = train_transform(name, 32, add_rand_aug=False).transforms
+    steps = train_transform(name, 32, add_rand_aug=False, augment="released").transforms
     assert [type(t) for t in steps] == [T.Resize, T.RandomCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
     resize, crop, flip, _, norm = steps
     assert resize.size == 32 and crop.size == (32, 32) and crop.padding == 4 and flip.p == 0.5
@@ -107,7 +111,7 @@ def test_cifar_train_transform_is_exactly_the_released_recipe(name):
 
 
 def test_tiny_imagenet_train_transform_is_exactly_the_released_recipe():
-    steps = train_transform("tiny-imagenet", 64, add_rand_aug=False).transforms
+    steps = train_transform("tiny-imagenet", 64, add_rand_aug=False, augment="released").transforms
     assert [type(t) for t in steps] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
     crop, flip, _, norm = steps
     assert crop.size == (64, 64) and crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
@@ -117,13 +121,14 @@ def test_tiny_imagenet_train_transform_is_exactly_the_released_recipe():
 
 @pytest.mark.parametrize("name", [*CIFAR_LIKE, "tiny-imagenet"])
 def test_rand_augment_follows_the_flip_only_with_the_flag(name):
-    steps = train_transform(name, 64, add_rand_aug=True).transforms
+    steps = train_transform(name, 64, add_rand_aug=True, augment="released").transforms
     kinds = [type(t) for t in steps]
     assert kinds[kinds.index(T.RandomHorizontalFlip) + 1] is T.RandAugment
     augment = steps[kinds.index(T.RandAugment)]
     assert (augment.num_ops, augment.magnitude) == (2, 9)
     assert all(getattr(t, "size", (64, 64)) in (64, (64, 64)) for t in steps)
-    assert not any(isinstance(t, T.RandAugment) for t in train_transform(name, 64, add_rand_aug=False).transforms)
+    steps = train_transform(name, 64, add_rand_aug=False, augment="released").transforms
+    assert not any(isinstance(t, T.RandAugment) for t in steps)
 
 
 # Geometry and flip of each --augment mode: (CIFAR-like datasets, Tiny-ImageNet).
@@ -175,7 +180,7 @@ def test_normalised_values_of_a_known_image(name):
     expected = torch.tensor(FLAT_NORMALISED["imagenet" if name == "tiny-imagenet" else "cifar100"])[:, None, None]
     candidates = [data.test_transform(name, 24), train_transform(name, 24, add_rand_aug=False, augment="none")]
     if name == "tiny-imagenet":  # its random crop takes no padding, so a flat image stays flat
-        candidates.append(train_transform(name, 24, add_rand_aug=False))
+        candidates.append(train_transform(name, 24, add_rand_aug=False, augment="released"))
     for transform in candidates:
         x = transform(flat_image(40))
         assert x.shape == (3, 24, 24)
@@ -183,7 +188,8 @@ def test_normalised_values_of_a_known_image(name):
 
 
 def left_to_right_gradient(size: int) -> Image.Image:
-    """Grey levels rising from the left edge to the right one: any crop keeps the left side darker, a mirror does not."""
+    """Grey levels rising from the left edge to the right one: any crop keeps the left side darker, a mirror does
+    not."""
     row = np.linspace(0, 255, size).astype(np.uint8)
     return Image.fromarray(np.repeat(np.tile(row, (size, 1))[:, :, None], 3, axis=2))
 
@@ -226,7 +232,7 @@ def test_datasets_with_transforms_pickle(tmp_path, name):
     write_cifar(tmp_path, n_train=4, n_test=2)
     write_tiny_imagenet(tmp_path)
     write_imagefolder(tmp_path)
-    dm = ready(ImageDataModule(name, str(tmp_path), batch_size=2, num_workers=0, add_rand_aug=True))
+    dm = ready(ImageDataModule(name, str(tmp_path), batch_size=2, num_workers=0, add_rand_aug=True, augment="released"))
     clone = pickle.loads(pickle.dumps(dm.test_set))
     assert torch.equal(clone[0][0], dm.test_set[0][0]) and clone[0][1] == dm.test_set[0][1]
     clone = pickle.loads(pickle.dumps(dm.train_set))
@@ -264,7 +270,9 @@ def test_malformed_cifar_is_a_user_error_naming_the_file(tmp_path, changes):
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("content", [b"not a pickle at all", b"", pickle.dumps([1, 2, 3])], ids=["garbage", "empty", "not-dict"])
+@pytest.mark.parametrize(
+    "content", [b"not a pickle at all", b"", pickle.dumps([1, 2, 3])], ids=["garbage", "empty", "not-dict"]
+)
 def test_unreadable_cifar_file_is_a_user_error(tmp_path, content):
     write_cifar(tmp_path, "cifar10", n_train=10, n_test=2)
     path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
@@ -370,7 +378,7 @@ def test_digits_data_module_ignores_data_dir_and_seed(tmp_path):
     modules = [ready(ImageDataModule("digits", str(tmp_path / "absent"), batch_size=32, num_workers=0, seed=seed))
                for seed in (1, 2)]
     for dm in modules:
-        assert dm.info == DatasetInfo(10, 16, 3) and not dm.has_validation_split
+        assert dm.info == DatasetInfo(10, 16) and not dm.has_validation_split
         assert (len(dm.train_set), len(dm.test_set)) == (1297, 500)
         x, y = dm.test_set[0]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= y < 10
@@ -409,12 +417,12 @@ def test_tiny_imagenet_bad_annotation_is_a_user_error(tmp_path):
 
 def test_dataset_info_values(tmp_path):
     write_imagefolder(tmp_path, classes=("a", "b", "c", "d", "e"))
-    assert dataset_info("cifar10", "nowhere") == DatasetInfo(10, 32, 3)
-    assert dataset_info("cifar100", "nowhere") == DatasetInfo(100, 32, 3)
-    assert dataset_info("tiny-imagenet", "nowhere") == DatasetInfo(200, 64, 3)
-    assert dataset_info("imagefolder", str(tmp_path)) == DatasetInfo(5, 32, 3)
-    assert dataset_info("digits", "nowhere") == DatasetInfo(10, 16, 3)
-    assert dataset_info("cifar100", "nowhere", image_size=64) == DatasetInfo(100, 64, 3)
+    assert dataset_info("cifar10", "nowhere") == DatasetInfo(10, 32)
+    assert dataset_info("cifar100", "nowhere") == DatasetInfo(100, 32)
+    assert dataset_info("tiny-imagenet", "nowhere") == DatasetInfo(200, 64)
+    assert dataset_info("imagefolder", str(tmp_path)) == DatasetInfo(5, 32)
+    assert dataset_info("digits", "nowhere") == DatasetInfo(10, 16)
+    assert dataset_info("cifar100", "nowhere", image_size=64) == DatasetInfo(100, 64)
     assert dataset_info("tiny-imagenet", "nowhere", image_size=32).image_size == 32
     with pytest.raises(UserError, match="image size"):
         dataset_info("cifar10", "nowhere", image_size=0)
@@ -553,7 +561,8 @@ def test_download_with_matching_checksum_extracts_and_loads(tmp_path, monkeypatc
 
 def test_kept_archive_is_reextracted_without_network(tmp_path, monkeypatch, cifar100_archive):
     monkeypatch.setitem(
-        data.SOURCES, "cifar100", dataclasses.replace(data.SOURCES["cifar100"], md5=hashlib.md5(cifar100_archive).hexdigest())
+        data.SOURCES, "cifar100",
+        dataclasses.replace(data.SOURCES["cifar100"], md5=hashlib.md5(cifar100_archive).hexdigest()),
     )
     calls = serve(monkeypatch, cifar100_archive)
     data_dir = tmp_path / "data"
@@ -566,7 +575,8 @@ def test_kept_archive_is_reextracted_without_network(tmp_path, monkeypatch, cifa
 
 def test_corrupt_kept_archive_is_replaced(tmp_path, monkeypatch, cifar100_archive):
     source = data.SOURCES["cifar100"]
-    monkeypatch.setitem(data.SOURCES, "cifar100", dataclasses.replace(source, md5=hashlib.md5(cifar100_archive).hexdigest()))
+    md5 = hashlib.md5(cifar100_archive).hexdigest()
+    monkeypatch.setitem(data.SOURCES, "cifar100", dataclasses.replace(source, md5=md5))
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / source.archive).write_bytes(cifar100_archive[:100])

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import dblock
-from cli_helpers import FAST, TINY_ARCH, assert_one_line_error, cifar_dir, read_metrics, run_cli, traced_training, train_args  # noqa: F401 (fixture)
+from cli_helpers import FAST, TINY_ARCH, assert_one_line_error, read_metrics, run_cli, traced_training, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "configs" / "slurm"
@@ -23,7 +23,8 @@ ARRAY_JOB = "77"
 
 
 def fake_cluster_tools(folder: Path) -> Path:
-    """`srun` runs its command; `uv sync` does nothing and `uv run [--flags] main.py ...` runs main.py with this Python."""
+    """`srun` runs its command; `uv sync` does nothing and `uv run [--flags] main.py ...` runs main.py with this
+    Python."""
     folder.mkdir()
     (folder / "srun").write_text('#!/bin/sh\nexec "$@"\n')
     (folder / "uv").write_text(
@@ -36,8 +37,9 @@ def fake_cluster_tools(folder: Path) -> Path:
 
 
 def slurm_env(bin_dir: Path, cwd: Path, task: int | None = None) -> dict:
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(cwd), "PYTHONUNBUFFERED": "1",
-           "SLURM_JOB_ID": str(100 + (task or 0)), "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS": "1"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(cwd),
+           "PYTHONUNBUFFERED": "1", "SLURM_JOB_ID": str(100 + (task or 0)), "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_NODEID": "0", "SLURM_NTASKS": "1"}
     if task is not None:
         env.update(SLURM_ARRAY_JOB_ID=ARRAY_JOB, SLURM_ARRAY_TASK_ID=str(task))
     return env
@@ -59,8 +61,8 @@ def array_run(tmp_path_factory):
         if name.endswith(".py"):
             os.symlink(REPO / name, work / name)
     jobs = [
-        subprocess.Popen(["bash", str(SLURM / "blocks-array.sbatch"), *flags], cwd=work, env=slurm_env(tools, work, task),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(["bash", str(SLURM / "blocks-array.sbatch"), *flags], cwd=work,
+                         env=slurm_env(tools, work, task), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for task in range(3)
     ]
     outputs = [job.communicate(timeout=600)[0] for job in jobs]
@@ -126,7 +128,8 @@ def test_a_job_draws_its_steps_only_among_its_blocks(cifar_dir, capsys, monkeypa
 
 
 def test_assemble_errors_are_one_line(cifar_dir, capsys):
-    runs = {"b0": ["--train_blocks", "0"], "b1": ["--train_blocks", "1"], "b2s7": ["--train_blocks", "2", "--seed", "7"],
+    runs = {"b0": ["--train_blocks", "0"], "b1": ["--train_blocks", "1"],
+            "b2s7": ["--train_blocks", "2", "--seed", "7"],
             "uneven": ["--train_blocks", "2", "--layers_per_block", "2,3,1"], "joint": []}
     for name, extra in runs.items():
         assert run_cli(train_args(cifar_dir, name, *extra, model_type="dblock", steps=1), capsys)[0] == 0
@@ -145,7 +148,9 @@ def test_assemble_errors_are_one_line(cifar_dir, capsys):
         assert not Path("logs/out.ckpt").exists()
 
 
-@pytest.mark.parametrize("flags,fragment", [(["--train_blocks", "3"], "between 0 and 2"), (["--train_blocks", "1,1"], "distinct")])
+@pytest.mark.parametrize(
+    "flags,fragment", [(["--train_blocks", "3"], "between 0 and 2"), (["--train_blocks", "1,1"], "distinct")]
+)
 def test_bad_train_blocks_are_one_line_errors(cifar_dir, capsys, flags, fragment):
     code, _, err = run_cli(train_args(cifar_dir, "bad", *flags, model_type="dblock"), capsys)
     assert_one_line_error(code, err, fragment)
@@ -153,11 +158,11 @@ def test_bad_train_blocks_are_one_line_errors(cifar_dir, capsys, flags, fragment
 
 
 def test_joint_mode_keeps_a_trainable_shared_label_table():
-    from vit import ArchConfig
+    from tiny import dblock_config, tiny_arch
 
-    arch = ArchConfig(hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16)
-    joint = dblock.DiffusionBlocksViT(arch=arch, num_labels=5)
-    job = dblock.DiffusionBlocksViT(arch=arch, num_labels=5, built_blocks=(1,), label_seed=42)
+    arch, dcfg = tiny_arch(), dblock_config()
+    joint = dblock.DiffusionBlocksViT(arch=arch, num_labels=5, dcfg=dcfg)
+    job = dblock.DiffusionBlocksViT(arch=arch, num_labels=5, dcfg=dcfg, built_blocks=(1,), label_seed=42)
     assert joint.label_embed.weight.requires_grad and not job.label_embed.weight.requires_grad
     assert [len(b) for b in joint.blocks] == [2, 2, 2] and [len(b) for b in job.blocks] == [0, 2, 0]
     per_layer = sum(p.numel() for p in joint.blocks[0][0].parameters())

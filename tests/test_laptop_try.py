@@ -36,6 +36,7 @@ def test_readme_laptop_try_trains_and_tests_both_models_on_digits(tmp_path, monk
         extra = REDUCED_TRAIN if args[0] == "train" else []
         code, _, err = run_cli([*args, *extra], capsys)
         assert code == 0, (args, err)
-        run_dir = Path("logs", option(args, "run_name")) if args[0] == "train" else Path(option(args, "ckpt_path")).parent
+        trained = args[0] == "train"
+        run_dir = Path("logs", option(args, "run_name")) if trained else Path(option(args, "ckpt_path")).parent
         metrics = read_metrics(run_dir / "metrics.json")
         assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["num_test_images"] == 500, metrics

@@ -32,9 +32,9 @@ import pytest
 import torch
 
 from cli_helpers import read_metrics, run_cli
+from tiny import tiny_arch_flags
 
-LEARN_ARCH = ["--hidden_size", "48", "--num_hidden_layers", "3", "--num_attention_heads", "2",
-              "--intermediate_size", "64", "--patch_size", "16"]
+LEARN_ARCH = tiny_arch_flags(hidden_size=48, num_hidden_layers=3, intermediate_size=64, patch_size=16)
 FAST = ["--batch_size", "32", "--num_workers", "0", "--accelerator", "cpu", "--lr", "3e-3",
         "--logger", "csv", "--log_every_n_steps", "1", "--progress_every_s", "1000"]
 CHANCE = 1 / 6
@@ -48,7 +48,9 @@ def band_cifar10(tmp_path_factory):
     return write_cifar(tmp_path_factory.mktemp("learn"), "cifar10", n_train=640, n_test=120, bands=True, seed=1)
 
 
-def nearest_centroid_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor) -> float:
+def nearest_centroid_accuracy(
+    train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor
+) -> float:
     """Test accuracy of the nearest class mean of the training features."""
     centroids = torch.stack([train[train_y == c].mean(0) for c in train_y.unique()])
     return (train_y.unique()[torch.cdist(test, centroids).argmin(1)] == test_y).float().mean().item()
@@ -99,4 +101,6 @@ def test_model_learns_the_band_order(model_type, band_cifar10, tmp_path, monkeyp
                 quarter = len(losses) // 4
                 assert quarter >= 15, f"block {block} trained on only {len(losses)} steps"
                 first, last = statistics.mean(losses[:quarter]), statistics.mean(losses[-quarter:])
-                assert last < first / 2, f"block {block} train/{key}: mean {first:.3f} over its first quarter, {last:.3f} over its last"
+                assert last < first / 2, (
+                    f"block {block} train/{key}: mean {first:.3f} over its first quarter, {last:.3f} over its last"
+                )

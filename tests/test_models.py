@@ -9,13 +9,14 @@ import dblock
 import edm
 from dblock import block_for_step
 from errors import UserError
+from tiny import dblock_config, tiny_arch
 from vit import ArchConfig, ViTClassifier, default_arch
 
-TINY = ArchConfig(hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48, patch_size=8, image_size=16)
+TINY = tiny_arch()
 
 
 def tiny_dblock(**dcfg) -> dblock.DiffusionBlocksViT:
-    return dblock.DiffusionBlocksViT(arch=TINY, num_labels=5, dcfg=dblock.DBlockConfig(**dcfg))
+    return dblock.DiffusionBlocksViT(arch=TINY, num_labels=5, dcfg=dblock_config(**dcfg))
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -24,7 +25,7 @@ def n_params(m: torch.nn.Module) -> int:
 
 def test_paper_parameter_counts():
     assert n_params(ViTClassifier(arch=ArchConfig(), num_labels=100)) == 10_302_180
-    assert n_params(dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=100)) == 10_529_095
+    assert n_params(dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=100, dcfg=dblock_config())) == 10_529_095
 
 
 def test_dataset_defaults():
@@ -38,13 +39,13 @@ def test_bad_architectures_are_user_errors():
     with pytest.raises(UserError, match="does not divide --hidden_size"):
         ArchConfig(hidden_size=130, num_attention_heads=4)
     with pytest.raises(UserError, match="not divisible by --num_blocks"):
-        dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=10, dcfg=dblock.DBlockConfig(num_blocks=5))
+        dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=10, dcfg=dblock_config(num_blocks=5))
     with pytest.raises(UserError, match="--gamma"):
-        dblock.DBlockConfig(gamma=-0.1).validate(12)
+        dblock_config(gamma=-0.1).validate(12)
 
 
 def test_dblock_blocks_are_contiguous_layer_groups():
-    m = dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=100)
+    m = dblock.DiffusionBlocksViT(arch=ArchConfig(), num_labels=100, dcfg=dblock_config())
     assert [len(b) for b in m.blocks] == [4, 4, 4]
     assert m.block_layers()[4] is m.blocks[1][0]
 
@@ -161,7 +162,7 @@ def test_cfg_changes_logits_only_when_scale_nonzero():
 def test_compile_flag_compiles_in_place_and_keeps_checkpoint_keys():
     from module import LitClassifier
 
-    tiny = dict(hidden_size=12, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24, patch_size=8, image_size=16)
+    tiny = tiny_arch(hidden_size=12, num_hidden_layers=3, intermediate_size=24).to_dict()
     plain = LitClassifier(model_type="dblock", arch=tiny, num_labels=3)
     compiled = LitClassifier(model_type="dblock", arch=tiny, num_labels=3, compile_model=True)
     compiled.setup("fit")
@@ -181,7 +182,8 @@ def test_network_reads_the_label_state_and_the_noise_level():
         p.data.add_(0.5 * torch.randn(p.shape, generator=g))
     outputs = []
     m.final_norm.register_forward_hook(lambda module, args, out: outputs.append(out[:, 0]))
-    x, token, other_token = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 24, generator=g), torch.randn(2, 24, generator=g)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    token, other_token = torch.randn(2, 24, generator=g), torch.randn(2, 24, generator=g)
 
     def network_output(token, sigma):
         s = torch.full((2,), sigma)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cli_helpers import cifar_dir, run_cli, train_args  # noqa: F401 (fixture)
+from cli_helpers import run_cli, train_args
 
 OFFLOAD_FLAGS = {"moments": ["--offload_optimizer", "true"], "moments+weights": ["--offload_weights", "true"]}
 

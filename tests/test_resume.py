@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import cifar_dir, run_cli, train_args  # noqa: F401 (fixture)
+from cli_helpers import run_cli, train_args
 from block_trace import BLOCK_TRACE_ENV
 
 STEPS_PER_EPOCH = 4  # 32 synthetic training images, batch 8
@@ -41,7 +41,8 @@ def assert_same_tensors(a, b, where=""):
 
 
 def train_in_pieces(cifar_dir, capsys, monkeypatch, tmp_path, model_type, total, first):
-    """Run `total` steps straight, and `first` then resume to `total`; return both final checkpoints and block traces."""
+    """Run `total` steps straight, and `first` then resume to `total`; return both final checkpoints and block
+    traces."""
     scale = 3 if model_type == "dblock" else 1
     traces = {}
     for name, pieces in (("straight", [total]), ("pieces", [first, total])):

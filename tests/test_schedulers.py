@@ -8,8 +8,9 @@ import pytest
 import main
 from errors import UserError
 from module import LitClassifier, check_scheduler
+from tiny import tiny_arch
 
-TINY = dict(hidden_size=12, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24, patch_size=8, image_size=16)
+TINY = tiny_arch(hidden_size=12, num_hidden_layers=3, intermediate_size=24).to_dict()
 NEEDS_KWARGS = {
     "cosine_with_min_lr": {"min_lr": 1e-5},
     "cosine_warmup_with_min_lr": {"min_lr": 1e-5},
@@ -35,7 +36,9 @@ def test_every_scheduler_builds_and_steps(name):
 
 
 def test_constant_with_warmup_reaches_peak_after_warmup():
-    module = LitClassifier(model_type="vit", arch=TINY, num_labels=3, scheduler_type="constant_with_warmup", num_warmup_steps=4)
+    module = LitClassifier(
+        model_type="vit", arch=TINY, num_labels=3, scheduler_type="constant_with_warmup", num_warmup_steps=4
+    )
     module._trainer = SimpleNamespace(estimated_stepping_batches=100)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]

@@ -1,4 +1,5 @@
-"""Validation as released (Tiny-ImageNet: best checkpoint by val/acc, tested after training) and --eval_every_n_epochs."""
+"""Validation as released (Tiny-ImageNet: best checkpoint by val/acc, tested after training) and
+--eval_every_n_epochs."""
 
 import csv
 from pathlib import Path
@@ -6,14 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import cifar_dir, read_metrics, run_cli, train_args  # noqa: F401 (fixture)
+from cli_helpers import read_metrics, run_cli, train_args
 
 EPOCHS = ["--max_steps", "-1", "--num_epochs", "2", "--save_every_n_epochs", "1"]
 
 
 @pytest.fixture
 def tiny_imagenet_dir(tmp_path, monkeypatch):
-    """A synthetic Tiny-ImageNet in its real layout (16 training and 16 val images, 2 classes); logs/ land in tmp_path."""
+    """A synthetic Tiny-ImageNet in its real layout (16 training and 16 val images, 2 classes); logs/ land in
+    tmp_path."""
     from synthetic import write_tiny_imagenet
 
     monkeypatch.chdir(tmp_path)
@@ -28,12 +30,14 @@ def logged_rows(run: str, metric: str) -> list[dict]:
 
 def scoring_args(data: str, data_dir: Path, ckpt_path: str) -> list[str]:
     """`main.py test` of a checkpoint with the training runs' batch size (so dblock draws the same noise per batch)."""
-    return ["test", data, "--ckpt_path", ckpt_path, "--data_dir", data_dir, "--batch_size", "8", "--num_workers", "0", "--accelerator", "cpu"]
+    return ["test", data, "--ckpt_path", ckpt_path, "--data_dir", data_dir, "--batch_size", "8", "--num_workers", "0",
+            "--accelerator", "cpu"]
 
 
 @pytest.mark.parametrize("model_type", ["vit", "dblock"])
 def test_tiny_imagenet_tests_the_best_checkpoint_by_val_acc(tiny_imagenet_dir, capsys, model_type):
-    code, _, err = run_cli(train_args(tiny_imagenet_dir, "ti", *EPOCHS, data="tiny-imagenet", model_type=model_type), capsys)
+    args = train_args(tiny_imagenet_dir, "ti", *EPOCHS, data="tiny-imagenet", model_type=model_type)
+    code, _, err = run_cli(args, capsys)
     assert code == 0, err
     rows = logged_rows("ti", "val/acc")
     epochs = 2 * (3 if model_type == "dblock" else 1)
@@ -55,7 +59,8 @@ def test_eval_every_n_epochs_logs_a_curve_and_changes_nothing_else(tiny_imagenet
     # dblock trains 6 epochs; validation (checkpoint selection) every 2, the curve every epoch.
     every_2 = ["--max_steps", "-1", "--num_epochs", "2", "--save_every_n_epochs", "2"]
     for run, extra in (("plain", []), ("curve", ["--eval_every_n_epochs", "1"])):
-        code, _, err = run_cli(train_args(tiny_imagenet_dir, run, *every_2, *extra, data="tiny-imagenet", model_type="dblock"), capsys)
+        args = train_args(tiny_imagenet_dir, run, *every_2, *extra, data="tiny-imagenet", model_type="dblock")
+        code, _, err = run_cli(args, capsys)
         assert code == 0, err
     curve = logged_rows("curve", "eval/acc")
     assert [int(r["epoch"]) for r in curve] == list(range(6)) and all(r["eval/f1"] == r["eval/acc"] for r in curve)
@@ -92,7 +97,9 @@ def test_last_checkpoint_holds_the_final_weights_between_periodic_ones(cifar_dir
 
     monkeypatch.setattr(data, "train_transform", recording_transform)
     # 3 epochs of 4 steps, a periodic checkpoint every 2 epochs: Lightning alone would leave epoch 2 in last.ckpt.
-    args = train_args(cifar_dir, "odd", "--max_steps", "-1", "--num_epochs", "3", "--save_every_n_epochs", "2", "--augment", "flip")
+    args = train_args(
+        cifar_dir, "odd", "--max_steps", "-1", "--num_epochs", "3", "--save_every_n_epochs", "2", "--augment", "flip"
+    )
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     assert built == [("cifar100", 32, False, "flip")]  # --augment reaches the data
