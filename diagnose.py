@@ -66,7 +66,7 @@ def oracle_pass(model, images: torch.Tensor, labels: torch.Tensor, sigmas: list[
         sigma_t = torch.full((len(labels),), sigma, device=target.device)
         z = target + sigma * eps
         for b in blocks:
-            denoised, logits = model.denoise(images, z, sigma_t, b)
+            denoised, logits = model.denoise_and_classify(images, z, sigma_t, b)
             sums = out.setdefault((b, i), [0.0, 0.0, 0.0])
             sums[0] += float((logits.argmax(-1) == labels).sum())
             sums[1] += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
@@ -332,7 +332,7 @@ def own_range_accuracy(model, batches, seed: int) -> dict[int, float]:
         for b in range(model.num_blocks):
             sigma = diagnostics.range_midpoint(*edm.block_range(b, model.boundaries))
             z = target + sigma * torch.randn(target.shape, device=target.device, generator=generator)
-            _, logits = model.denoise(images, z, torch.full((len(labels),), sigma, device=images.device), b)
+            _, logits = model.denoise_and_classify(images, z, torch.full((len(labels),), sigma, device=images.device), b)
             correct[b] = correct.get(b, 0.0) + float((logits.argmax(-1) == labels).sum())
         total += len(labels)
     return {b: c / max(total, 1) for b, c in correct.items()}
