@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 
 from errors import UserError
-from fileio import write_atomic, write_text_atomic
+from fileio import read_mapping, write_atomic, write_yaml_atomic
 
 # Hyper-parameters every job of one model must share: they fix the network, the noise ranges and the label table.
-MUST_AGREE = ("arch", "num_labels", "num_blocks", "layers_per_block", "partition", "gamma", "seed", "batch_mean_loss_weight", "raw_embedding_bridge")
+MUST_AGREE = (
+    "arch", "num_labels", "num_blocks", "layers_per_block", "partition", "gamma", "seed", "batch_mean_loss_weight",
+    "raw_embedding_bridge",
+)
 
 
 def read_job(path: str) -> dict:
@@ -25,7 +28,10 @@ def read_job(path: str) -> dict:
     ckpt = read_checkpoint(path)
     hparams = ckpt["hyper_parameters"]
     if hparams["model_type"] != "dblock" or not hparams.get("train_blocks"):
-        raise UserError(f"checkpoint {path} is not an independent block job: assemble checkpoints of `train --model_type dblock --train_blocks B`")
+        raise UserError(
+            f"checkpoint {path} is not an independent block job: "
+            "assemble checkpoints of `train --model_type dblock --train_blocks B`"
+        )
     return ckpt
 
 
@@ -56,7 +62,9 @@ def check_coverage(paths: list[str], ckpts: list[dict]) -> list[list[int]]:
     num_blocks = ckpts[0]["hyper_parameters"]["num_blocks"]
     missing = [b for b in range(num_blocks) if b not in owner]
     if missing:
-        raise UserError(f"no checkpoint trains block(s) {', '.join(map(str, missing))} of {num_blocks}: add their jobs' checkpoints")
+        raise UserError(
+            f"no checkpoint trains block(s) {', '.join(map(str, missing))} of {num_blocks}: add their jobs' checkpoints"
+        )
     return members
 
 
@@ -68,39 +76,44 @@ def assembled_checkpoint(ckpts: list[dict], members: list[list[int]]) -> dict:
             state[f"model.members.{i}.{key.removeprefix('model.')}"] = value
     hparams = {**ckpts[0]["hyper_parameters"], "train_blocks": None, "member_blocks": members}
     # Optimizer steps of all jobs together, so run reports count the assembled model's training.
-    return {"state_dict": state, "hyper_parameters": hparams, "global_step": sum(int(c.get("global_step", 0)) for c in ckpts)}
+    steps = sum(int(c.get("global_step", 0)) for c in ckpts)
+    return {"state_dict": state, "hyper_parameters": hparams, "global_step": steps}
 
 
-def write_assembled_config(first_job: str, target: Path) -> None:
+def assembled_config(first_job: str, target: Path) -> dict | None:
     """config.yaml beside the assembled checkpoint: the first job's flags with every block trained, so `report`
-    describes the assembled model like a joint run (skipped when the job's run folder has none)."""
-    import yaml
-
+    describes the assembled model like a joint run (None when the job's run folder has none)."""
     source = Path(first_job).parent / "config.yaml"
     if not source.is_file():
-        return
-    config = yaml.safe_load(source.read_text())
-    config.update(train_blocks=None, run_name=target.parent.name, ckpt_path=None)
-    write_text_atomic(target.parent / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        return None
+    config = read_mapping(source, "restore it, or move it out of the job's folder to assemble without it")
+    return {**config, "train_blocks": None, "run_name": target.parent.name, "ckpt_path": None}
 
 
 def assemble(ckpt_paths: list[str], *, output: str) -> dict:
-    """Combine the checkpoints of independent block jobs (train --train_blocks) into one checkpoint that `test` scores.
+    """Combine the checkpoints of independent block jobs (train --train_blocks) into one checkpoint that `test`
+    scores.
 
     Args:
         ckpt_paths: Checkpoints of jobs that together train every block exactly once (e.g. each job's last.ckpt).
         output: File to write the assembled checkpoint to (its folder receives test's metrics.json).
     """
     if not ckpt_paths:
-        raise UserError("give the checkpoints of the block jobs: main.py assemble JOB0.ckpt JOB1.ckpt ... --output FILE")
+        raise UserError(
+            "give the checkpoints of the block jobs: main.py assemble JOB0.ckpt JOB1.ckpt ... --output FILE"
+        )
     target = Path(output)
     if not target.parent.is_dir():
-        raise UserError(f"--output {output}: folder {target.parent} does not exist: create it or choose another path")
+        raise UserError(
+            f"--output {output}: folder {target.parent} does not exist: create it or choose another path"
+        )
     ckpts = [read_job(path) for path in ckpt_paths]
     check_compatible(ckpt_paths, ckpts)
     members = check_coverage(ckpt_paths, ckpts)
     assembled = assembled_checkpoint(ckpts, members)
+    config = assembled_config(ckpt_paths[0], target)  # read before anything is written: bad input leaves nothing
     write_atomic(target, lambda f: torch.save(assembled, f))
-    write_assembled_config(ckpt_paths[0], target)
+    if config is not None:
+        write_yaml_atomic(target.parent / "config.yaml", config)
     print(f"assembled {len(members)} jobs covering blocks {sorted(b for m in members for b in m)} into {output}")
     return {"output": str(target), "member_blocks": members}

@@ -1,10 +1,12 @@
-"""`main.py bench DATA`: memory and speed of one training step, end-to-end ViT against DiffusionBlocks.
+"""`main.py bench DATA`, the measuring half: memory and speed of one training step, end-to-end ViT against
+DiffusionBlocks (bench_render.py turns the results into the table and the chart).
 
 Four variants are measured side by side on random inputs of the dataset's shape (no dataset files):
 `vit` (backprop through all layers), `dblock-released` (one block trained per step, but every weight
 and AdamW moment stays on the device, as in the released program), `dblock` (this project's default:
 AdamW moments of the blocks not being trained live in host memory) and `dblock-offload-weights`
-(their weights too). The data-loader pipeline of the real recipe is timed on its own.
+(their weights too). Each variant is the LitClassifier `train` builds, stepped through the same objective,
+AdamW and gradient clipping as training. The data-loader pipeline of the real recipe is timed on its own.
 
 torch and the project's model code are imported inside functions, because main.py imports this
 module on every start-up.
@@ -21,14 +23,13 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from errors import UserError, check_at_least
-from fileio import write_atomic
-from flags import Accelerator, Data, Precision
+from errors import UserError
+from fileio import check_writable, write_output
 
 CUDA_METHOD = "cuda allocator peak"
 CPU_METHOD = "cpu exact accounting: saved tensors + params + grads + optimizer state"
@@ -56,90 +57,33 @@ COMPONENTS = ("parameters", "gradients", "optimizer", "activations")
 MIB = 2**20
 
 
-def bench(
-    data: Data,
-    *,
-    batch_size: int = 128,
-    num_blocks: int | None = None,
-    layers_per_block: str | None = None,
-    train_blocks: str | None = None,
-    hidden_size: int | None = None,
-    num_hidden_layers: int | None = None,
-    num_attention_heads: int | None = None,
-    intermediate_size: int | None = None,
-    patch_size: int | None = None,
-    image_size: int | None = None,
-    accelerator: Accelerator = "auto",
-    precision: Precision = "32",
-    compile: bool = False,
-    steps: int = 5,
-    warmup_steps: int = 2,
-    num_workers: int = 2,
-    loader_batches: int = 20,
-    output: str | None = None,
-    plot: str | None = None,
-    seed: int = 42,
-    data_dir: str = "data",
-) -> dict:
-    """Measure peak training memory (by component), step and inference time of vit and dblock variants, and loader speed.
+@dataclass(frozen=True)
+class Timing:
+    """How much bench measures: timed steps, untimed warmup steps, and batches of the loader measurement."""
 
-    Args:
-        data: Dataset whose shape is used: cifar10, cifar100, tiny-imagenet or imagefolder (inputs are random; no image is read).
-        batch_size: Training and inference batch size.
-        num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of --layers_per_block).
-        layers_per_block: dblock: layers of each block, block 0 first, e.g. 6,4,2 (default: the even split); the worst block is reported.
-        train_blocks: dblock: measure an independent job that builds and trains only these blocks (e.g. 1); no inference timing.
-        hidden_size: Transformer width (default per dataset: 128; tiny-imagenet 768).
-        num_hidden_layers: Transformer depth (default 12).
-        num_attention_heads: Attention heads (default 4; tiny-imagenet 12).
-        intermediate_size: MLP width (default 3072).
-        patch_size: Patch side in pixels (default 4).
-        image_size: Input side in pixels (default 32; tiny-imagenet 64).
-        accelerator: auto (CUDA if present), cpu or gpu.
-        precision: 32 (fp32, TF32 matmuls on CUDA) or bf16-mixed.
-        compile: Run the models through torch.compile.
-        steps: Timed training steps (and inference batches) per variant; the median is reported.
-        warmup_steps: Untimed steps before timing, after every block has been trained once.
-        num_workers: Data loader worker processes for the loader measurement.
-        loader_batches: Batches timed in the loader measurement (after one untimed batch that starts the workers).
-        output: Write the results as JSON to this file.
-        plot: Write a PNG stacked-bar chart of the memory breakdown to this file.
-        seed: Seed of initialisation, inputs and the block sequence.
-        data_dir: imagefolder only: folder whose train/ class folders give the number of classes.
-    """
+    steps: int
+    warmup_steps: int
+    loader_batches: int
+
+
+def run(configs, timing: Timing, output: str | None, plot: str | None) -> dict:
+    """Measure every variant and the loader, print the table, write the JSON and the chart (see main.bench)."""
+    from bench_render import format_report, save_plot
     from data import dataset_info
-    from dblock import parse_block_list, parse_layers_per_block, resolve_num_blocks
-    from module import check_train_blocks
-    from vit import default_arch
+    from objectives import check_train_blocks
 
-    layout = parse_layers_per_block(layers_per_block)
-    num_blocks = resolve_num_blocks(num_blocks, layout)
-    job_blocks = parse_block_list(train_blocks, "--train_blocks")
-    check_train_blocks(job_blocks, num_blocks)
-    check_at_least(batch_size=batch_size, num_blocks=num_blocks, steps=steps, loader_batches=loader_batches)
-    check_at_least(minimum=0, warmup_steps=warmup_steps, num_workers=num_workers)
-    for flag, path in (("--output", output), ("--plot", plot)):
-        if path is not None:
-            check_writable(flag, path)
-    arch = default_arch(
-        data, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size, patch_size=patch_size, image_size=image_size,
+    check_train_blocks(configs.model.train_blocks, configs.dblock.num_blocks)
+    configs.dblock.validate(configs.arch.num_hidden_layers)  # before any model is built
+    r = configs.run
+    info = dataset_info(r.data, r.data_dir)
+    device = resolve_device(r.accelerator)
+    use_recipe_matmul_precision(device, r.precision)
+    results = {name: measure_variant(name, configs, info.num_classes, device, timing) for name in VARIANTS}
+    loader = loader_throughput(
+        r.data, info.image_size, configs.arch.image_size, r.batch_size, r.num_workers, timing.loader_batches,
+        configs.model.seed, device,
     )
-    check_blocks(num_blocks, layout, arch.num_hidden_layers)
-    info = dataset_info(data, data_dir)
-    device = resolve_device(accelerator)
-    use_recipe_matmul_precision(device, precision)
-    run = RunConfig(
-        batch_size=batch_size, num_blocks=num_blocks, layers_per_block=layout, train_blocks=job_blocks, precision=precision, compile=compile, steps=steps,
-        warmup_steps=warmup_steps, seed=seed,
-    )
-    results = {name: measure_variant(name, arch, info.num_classes, device, run) for name in VARIANTS}
-    loader = loader_throughput(data, info.image_size, arch.image_size, batch_size, num_workers, loader_batches, seed, device)
-    config = {
-        "data": data, "accelerator": accelerator, "num_labels": info.num_classes, **arch.to_dict(), **asdict(run),
-        "num_workers": num_workers, "loader_batches": loader_batches,
-    }
-    report = assemble_report(results, loader, device, config)
+    report = assemble_report(results, loader, device, describe_config(configs, info.num_classes, timing))
     print(format_report(report))
     if output is not None:
         write_output(output, "--output", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
@@ -148,31 +92,37 @@ def bench(
     return report
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Settings shared by every variant's measurement."""
-
-    batch_size: int
-    num_blocks: int
-    layers_per_block: tuple[int, ...] | None  # None: the even split
-    train_blocks: list[int] | None  # an independent job's blocks; None: all (joint training)
-    precision: str
-    compile: bool
-    steps: int
-    warmup_steps: int
-    seed: int
+def describe_config(configs, num_labels: int, timing: Timing) -> dict:
+    """The report's `config`: what was measured, in the keys bench has always written."""
+    r, d = configs.run, configs.dblock
+    return {
+        "data": r.data, "accelerator": r.accelerator, "num_labels": num_labels, **configs.arch.to_dict(),
+        "batch_size": r.batch_size, "num_blocks": d.num_blocks, "layers_per_block": d.layers_per_block,
+        "train_blocks": configs.model.train_blocks, "precision": r.precision, "compile": configs.model.compile_model,
+        "steps": timing.steps, "warmup_steps": timing.warmup_steps, "seed": configs.model.seed,
+        "num_workers": r.num_workers, "loader_batches": timing.loader_batches,
+    }
 
 
 @dataclass
 class Variant:
-    """One model under test with its optimizer, offload policy and compute device."""
+    """One model under test: the training module (model, objective, offloader), its AdamW and compute device."""
 
     name: str
-    model: Any
+    module: Any
     optimizer: Any
-    offloader: Any
     device: Any
     bf16: bool
+
+    @property
+    def model(self):
+        """The network being measured."""
+        return self.module.model
+
+    @property
+    def offloader(self):
+        """What moves the blocks not being trained to host memory (None: everything stays)."""
+        return self.module.offloader
 
     @property
     def is_dblock(self) -> bool:
@@ -182,12 +132,12 @@ class Variant:
     @property
     def blocks(self) -> list[int]:
         """Blocks a step can train (the whole network counts as one block 0 for vit)."""
-        return list(self.model.built_blocks) if self.is_dblock else [0]
+        return self.module.trainable_blocks
 
     @property
     def can_sample(self) -> bool:
         """Whether every block exists, so the sampler can run (not so for an independent job's model)."""
-        return not self.is_dblock or len(self.model.built_blocks) == self.model.num_blocks
+        return self.module.covers_all_blocks
 
     @property
     def policy(self) -> Policy:
@@ -196,24 +146,6 @@ class Variant:
 
 
 # ---- input checks -------------------------------------------------------------------------------
-def check_blocks(num_blocks: int, layout: tuple[int, ...] | None, num_layers: int) -> None:
-    """Reject a block split the depth does not allow, before any model is built."""
-    from dblock import DBlockConfig
-
-    DBlockConfig(num_blocks=num_blocks, layers_per_block=layout).validate(num_layers)
-
-
-def check_writable(flag: str, path: str) -> None:
-    """Fail now, in one line, if `path` cannot receive a file (rather than after minutes of measuring)."""
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{flag} {path} is a folder: give a file name")
-    if not target.parent.is_dir():
-        raise UserError(f"{flag} {path}: folder {target.parent} does not exist: create it or choose another path")
-    if not os.access(target.parent, os.W_OK):
-        raise UserError(f"{flag} {path}: folder {target.parent} is not writable: choose another path")
-
-
 def resolve_device(accelerator: str):
     """The torch device for --accelerator (auto = CUDA when available)."""
     import torch
@@ -233,29 +165,25 @@ def use_recipe_matmul_precision(device, precision: str) -> None:
 
 
 # ---- models -------------------------------------------------------------------------------------
-def build_variant(name: str, arch, num_labels: int, device, run: RunConfig) -> Variant:
-    """The model of `name`, on `device`, with the training recipe's AdamW and the variant's offloader."""
+def build_variant(name: str, configs, num_labels: int, device) -> Variant:
+    """The LitClassifier `train` would build for `name`, on `device`, with the training recipe's AdamW."""
+    import dataclasses
+
     import torch
 
-    import dblock
-    from offload import BlockOffloader
-    from vit import ViTClassifier
+    from config import to_hparams
+    from module import LitClassifier, build_optimizer
 
-    torch.manual_seed(run.seed)  # every variant starts from the same initialisation
-    if name == "vit":
-        model = ViTClassifier(arch=arch, num_labels=num_labels)
-    else:
-        from module import build_dblock
-
-        dcfg = dblock.DBlockConfig(num_blocks=run.num_blocks, layers_per_block=run.layers_per_block)
-        model = build_dblock(arch, num_labels, dcfg, run.seed, run.train_blocks, None)
-    model.to(device).train()
-    if run.compile:
-        model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=device.type == "cuda")
     policy = VARIANTS[name]
-    offloader = BlockOffloader(model.blocks, offload_weights=policy.offload_weights) if policy.offload_state else None
-    return Variant(name, model, optimizer, offloader, device, bf16=run.precision == "bf16-mixed")
+    model = dataclasses.replace(
+        configs.model, model_type="vit" if name == "vit" else "dblock", offload_optimizer=policy.offload_state,
+        offload_weights=policy.offload_weights,
+    )
+    torch.manual_seed(configs.model.seed)  # every variant starts from the same initialisation
+    module = LitClassifier(**to_hparams(dataclasses.replace(configs, model=model), num_labels)).to(device).train()
+    module.compile_once()
+    optimizer = build_optimizer(module.model, module.spec.optim, device)
+    return Variant(name, module, optimizer, device, bf16=configs.run.precision == "bf16-mixed")
 
 
 def autocast(v: Variant):
@@ -308,32 +236,29 @@ def storage_key(t) -> tuple:
     return t.device.type, t.device.index, t.untyped_storage().data_ptr()
 
 
-def train_step(v: Variant, batch, block: int, count_saved: bool = False) -> int:
-    """One AdamW step on `block` (the whole network for vit), gradients left in place; returns saved-for-backward bytes if counted."""
+def train_step(v: Variant, batch, step: int, block: int, count_saved: bool = False) -> int:
+    """One optimizer step of training on `block` (the whole network for vit), gradients left in place: the module's
+    own block activation and loss, then backward, the recipe's clipping and AdamW; returns saved-for-backward bytes."""
     import torch
-    import torch.nn.functional as F
 
-    import dblock
+    from module import GRADIENT_CLIP_VAL
+    from objectives import StepIndex
 
     images, labels = batch
-    if v.offloader is not None:
-        v.offloader.activate(block, v.optimizer, v.device)
-    # Made after activate: offloading weights gives the block's parameters new storages.
+    block = v.module.start_block(step, v.optimizer, block if v.is_dblock else None)
+    # Made after start_block: offloading weights gives the block's parameters new storages.
     counter = SavedTensorCounter(v.model.parameters()) if count_saved else contextlib.nullcontext()
     with counter, autocast(v):
-        if v.is_dblock:
-            loss = dblock.training_loss(v.model, images, labels, block)[0]
-        else:
-            loss = F.cross_entropy(v.model(images).float(), labels)
+        loss = v.module.block_loss(images, labels, StepIndex(step), block).loss
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(v.model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(v.model.parameters(), GRADIENT_CLIP_VAL)
     v.optimizer.step()
     return counter.nbytes if count_saved else 0
 
 
-def step_and_clear(v: Variant, batch, block: int) -> None:
+def step_and_clear(v: Variant, batch, step: int, block: int) -> None:
     """A training step as the recipe runs it, gradients freed at the end (zero_grad(set_to_none=True))."""
-    train_step(v, batch, block)
+    train_step(v, batch, step, block)
     v.optimizer.zero_grad(set_to_none=True)
 
 
@@ -375,14 +300,14 @@ def resident_bytes(v: Variant, block: int) -> dict[str, int]:
 
 
 def measure_memory(v: Variant, batch, block: int) -> dict:
-    """Peak memory of one training step on `block` and its split into parameters, gradients, optimizer and activations."""
+    """Peak memory of one training step on `block`, split into parameters, gradients, optimizer and activations."""
     import torch
 
     cuda = v.device.type == "cuda"
     if cuda:
         synchronize(v.device)
         torch.cuda.reset_peak_memory_stats(v.device)
-    saved = train_step(v, batch, block, count_saved=not cuda)
+    saved = train_step(v, batch, 0, block, count_saved=not cuda)
     parts = resident_bytes(v, block)  # after the update: gradients still there, every moment created
     if cuda:
         synchronize(v.device)
@@ -406,44 +331,36 @@ def timed(fn: Callable[[], Any], device) -> float:
     return time.perf_counter() - start
 
 
-def infer(v: Variant, images) -> None:
-    """Class logits of one test batch: the forward pass for vit, the sampler with one step per block for dblock."""
+def infer(v: Variant, images, generator) -> None:
+    """Class logits of one test batch as scoring computes them: the forward pass for vit, the sampler for dblock."""
     import torch
 
-    import dblock
-
     with torch.no_grad(), autocast(v):
-        if v.is_dblock:
-            dblock.sample_logits(v.model, images, v.model.num_blocks)
-        else:
-            v.model(images)
+        v.module.predict_logits(images, generator)
 
 
-def measure_variant(name: str, arch, num_labels: int, device, run: RunConfig) -> dict:
+def drawn_block(v: Variant, step: int) -> int:
+    """The block training draws at `step` (vit: its one block)."""
+    return v.module.objective.block_at(step) if v.is_dblock else v.blocks[0]
+
+
+def measure_variant(name: str, configs, num_labels: int, device, timing: Timing) -> dict:
     """Memory (worst block), median training-step time and median inference time of one variant."""
     import torch
 
-    from module import block_for_step
-
     print(f"bench: measuring {name} ...", file=sys.stderr, flush=True)  # a paper-size run takes minutes on CPU
-    with compile_limits(run):
-        v = build_variant(name, arch, num_labels, device, run)
-        batch = random_batch(arch, num_labels, run, device)
-        for block in v.blocks:  # every block trained once: all AdamW moments exist (steady state)
-            step_and_clear(v, batch, block)
-        for i in range(run.warmup_steps):
-            step_and_clear(v, batch, v.blocks[block_for_step(run.seed, i, len(v.blocks))])
+    with compile_limits(configs):
+        v = build_variant(name, configs, num_labels, device)
+        batch = random_batch(configs, num_labels, device)
+        for i, block in enumerate(v.blocks):  # every block trained once: all AdamW moments exist (steady state)
+            step_and_clear(v, batch, i, block)
+        for i in range(timing.warmup_steps):
+            step_and_clear(v, batch, i, drawn_block(v, i))
         memory = max((measure_memory(v, batch, b) for b in v.blocks), key=lambda m: m["peak_memory_bytes"])
-        blocks = [v.blocks[block_for_step(run.seed, run.warmup_steps + i, len(v.blocks))] for i in range(run.steps)]
-        train_times = [timed(lambda b=b: step_and_clear(v, batch, b), device) for b in blocks]
-        infer_times = []
-        if v.can_sample:
-            v.model.eval()
-            if v.offloader is not None:
-                v.offloader.restore_weights(device)  # sampling runs every block
-            for _ in range(run.warmup_steps):
-                infer(v, batch[0])
-            infer_times = [timed(lambda: infer(v, batch[0]), device) for _ in range(run.steps)]
+        steps = range(timing.warmup_steps, timing.warmup_steps + timing.steps)
+        blocks = [drawn_block(v, i) for i in steps]
+        train_times = [timed(lambda i=i, b=b: step_and_clear(v, batch, i, b), device) for i, b in zip(steps, blocks)]
+        infer_times = infer_times_of(v, batch[0], timing, configs.model.seed) if v.can_sample else []
     del v, batch
     gc.collect()
     if device.type == "cuda":
@@ -454,29 +371,43 @@ def measure_variant(name: str, arch, num_labels: int, device, run: RunConfig) ->
         **memory,
         "train_step_s": train_s,
         "infer_step_s": infer_s,
-        "train_images_per_s": run.batch_size / train_s,
-        "infer_images_per_s": run.batch_size / infer_s if infer_s else None,
+        "train_images_per_s": configs.run.batch_size / train_s,
+        "infer_images_per_s": configs.run.batch_size / infer_s if infer_s else None,
         "train_blocks": blocks,
     }
 
 
-def compile_limits(run: RunConfig):
+def infer_times_of(v: Variant, images, timing: Timing, seed: int) -> list[float]:
+    """Seconds of each timed inference batch, after the warmup ones, with every block on the device."""
+    import torch
+
+    v.module.eval()
+    if v.offloader is not None:
+        v.offloader.restore_weights(v.device)  # sampling runs every block
+    generator = torch.Generator(device=v.device).manual_seed(seed)
+    for _ in range(timing.warmup_steps):
+        infer(v, images, generator)
+    return [timed(lambda: infer(v, images, generator), v.device) for _ in range(timing.steps)]
+
+
+def compile_limits(configs):
     """Under --compile: a fresh compile cache per variant, with room for one graph per block, train and eval."""
-    if not run.compile:
+    if not configs.model.compile_model:
         return contextlib.nullcontext()
     import torch
 
     torch._dynamo.reset()
-    return torch._dynamo.config.patch(recompile_limit=max(8, 4 * run.num_blocks))
+    return torch._dynamo.config.patch(recompile_limit=max(8, 4 * configs.dblock.num_blocks))
 
 
-def random_batch(arch, num_labels: int, run: RunConfig, device):
+def random_batch(configs, num_labels: int, device):
     """Normalised-image-like noise and random labels of the configured shape, on the device."""
     import torch
 
-    g = torch.Generator().manual_seed(run.seed)
-    images = torch.randn(run.batch_size, arch.num_channels, arch.image_size, arch.image_size, generator=g)
-    labels = torch.randint(num_labels, (run.batch_size,), generator=g)
+    arch = configs.arch
+    g = torch.Generator().manual_seed(configs.model.seed)
+    images = torch.randn(configs.run.batch_size, arch.num_channels, arch.image_size, arch.image_size, generator=g)
+    labels = torch.randint(num_labels, (configs.run.batch_size,), generator=g)
     return images.to(device), labels.to(device)
 
 
@@ -496,8 +427,9 @@ def loader_throughput(
     images = rng.integers(0, 256, (n, native_size, native_size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n)
     loader = DataLoader(
-        ArrayDataset(images, labels, train_transform(data, image_size, add_rand_aug=False)), batch_size=batch_size, shuffle=True,
-        drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+        ArrayDataset(images, labels, train_transform(data, image_size, add_rand_aug=False)), batch_size=batch_size,
+        shuffle=True, drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
     )
     it = iter(loader)
     next(it)  # starts the workers; a one-off cost of every epoch, not of throughput
@@ -524,7 +456,10 @@ def assemble_report(results: dict, loader_images_per_s: float, device, config: d
         "versions": versions(),
         "ratio_variant": RATIO_VARIANT,
         "ratios": ratios,
-        "targets": {name: {"max": limit, "pass": ratios[name] <= limit if ratios[name] is not None else None} for name, limit in TARGETS.items()},
+        "targets": {
+            name: {"max": limit, "pass": ratios[name] <= limit if ratios[name] is not None else None}
+            for name, limit in TARGETS.items()
+        },
         "loader_images_per_s": loader_images_per_s,
         "fastest_train_variant": fastest,
         "loader_slower_than_training": loader_images_per_s < results[fastest]["train_images_per_s"],
@@ -559,91 +494,3 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
-
-
-def job_note(config: dict) -> str:
-    """`, independent job: blocks 1` when only some blocks are built."""
-    blocks = config.get("train_blocks")
-    return f", independent job: blocks {','.join(map(str, blocks))}" if blocks else ""
-
-
-def layout_note(config: dict) -> str:
-    """` (layers 6,4,2)` for an uneven block layout, empty for the even split."""
-    layout = config.get("layers_per_block")
-    return f" (layers {','.join(map(str, layout))})" if layout else ""
-
-
-def optional(value: float | None, width: int, spec: str) -> str:
-    """A right-aligned number, or `n/a` for a measurement that was not made."""
-    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}{spec}}"
-
-
-def format_report(report: dict) -> str:
-    """The human-readable table: one row per variant, then the loader and the ratios against the targets."""
-    c = report["config"]
-    header = (
-        f"{'variant':<24}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'peak':>9}"
-        f"{'train s':>10}{'infer s':>10}{'train img/s':>13}{'infer img/s':>13}"
-    )
-    lines = [
-        f"bench {c['data']}: batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)}{job_note(c)}, precision {c['precision']}"
-        f"{', compiled' if c['compile'] else ''}; hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
-        f"{c['num_attention_heads']} heads, MLP {c['intermediate_size']}, patch {c['patch_size']}, {c['image_size']} px, "
-        f"{c['num_labels']} classes",
-        f"device: {report['device']}; torch {report['versions']['torch']}; {report['date']}",
-        f"memory method: {report['method']} (MiB; peak = worst block for dblock)",
-        "",
-        header,
-        "-" * len(header),
-    ]
-    for name in VARIANTS:
-        r = report[name]
-        mib = [r["breakdown"][k] / MIB for k in COMPONENTS] + [r["peak_memory_bytes"] / MIB]
-        lines.append(
-            f"{name:<24}" + "".join(f"{x:>9.1f}" for x in mib)
-            + f"{r['train_step_s']:>10.4f}{optional(r['infer_step_s'], 10, '.4f')}{r['train_images_per_s']:>13.1f}"
-            + optional(r["infer_images_per_s"], 13, ".1f")
-        )
-    fastest = report["fastest_train_variant"]
-    verdict = "SLOWER than" if report["loader_slower_than_training"] else "keeps up with"
-    lines += [
-        "-" * len(header),
-        f"data loader: {report['loader_images_per_s']:.1f} img/s (train_transform, {c['num_workers']} workers), "
-        f"{verdict} the fastest training step ({fastest}, {report[fastest]['train_images_per_s']:.1f} img/s)",
-        "",
-        f"{RATIO_VARIANT} / vit       ratio   target",
-    ]
-    for name, target in report["targets"].items():
-        label = name.replace("_", " ")
-        verdict = {True: "PASS", False: "FAIL", None: "n/a (an independent job cannot sample)"}[target["pass"]]
-        lines.append(f"{label:<18}{optional(report['ratios'][name], 7, '.3f')}   <= {target['max']:.2f}  {verdict}")
-    return "\n".join(lines)
-
-
-def save_plot(report: dict, f) -> None:
-    """PNG stacked bars of each variant's memory breakdown into the open file f."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg renders the PNG
-
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.subplots()
-    names = list(VARIANTS)
-    bottom = [0.0] * len(names)
-    for component in COMPONENTS:
-        heights = [report[n]["breakdown"][component] / MIB for n in names]
-        ax.bar(names, heights, bottom=bottom, label=component)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    for i, n in enumerate(names):
-        ax.annotate(f"{report[n]['peak_memory_bytes'] / MIB:.0f}", (i, bottom[i]), ha="center", va="bottom")
-    c = report["config"]
-    ax.set_ylabel("MiB")
-    ax.set_title(f"Training-step memory, {c['data']}, batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)} ({report['method'].split(':')[0]})", fontsize=9)
-    ax.legend()
-    fig.savefig(f, format="png", dpi=120)
-
-
-def write_output(path: str, flag: str, write: Callable[[Any], Any]) -> None:
-    """Write an output file atomically; an unwritable path becomes a one-line error naming the flag."""
-    try:
-        write_atomic(path, write)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write ({e.strerror or e}): choose another path") from None

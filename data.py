@@ -1,4 +1,4 @@
-"""Image classification data: CIFAR-10/100, Tiny-ImageNet and class-folder trees, as a LightningDataModule."""
+"""Image classification data (CIFAR-10/100, Tiny-ImageNet, scikit-learn's digits, class folders) for Lightning."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import calculate_md5, check_md5
 
 from errors import UserError
-from flags import Augment
+from flags import Augment, Data
+from seeds import mix_seed
 
-DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder")
+DATASETS = get_args(Data)
 # The released recipe normalises Tiny-ImageNet with the ImageNet statistics and CIFAR with CIFAR-100's.
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -37,8 +38,15 @@ AUGMENTS = get_args(Augment)
 VALIDATION_SPLIT = ("tiny-imagenet",)
 OFFLINE_ENV = "DIFFUSIONBLOCKS_OFFLINE"
 IMAGEFOLDER_IMAGE_SIZE = 32
+# scikit-learn's handwritten digits: 1,797 scans of 8x8 pixels with grey values 0 to 16, shipped inside the
+# package. Each is scaled to 0-255 and upscaled to 16x16 by pixel repetition; a fixed-seed shuffle puts the first
+# DIGITS_TEST_SIZE scans in the test split, whatever --seed is, so every run scores the same 500 images.
+DIGITS_SIDE = 16
+DIGITS_TEST_SIZE = 500
+DIGITS_SPLIT_SEED = 0
+DIGITS_MAX = 16  # the scans' largest grey value (white)
 # Number of classes and native image side of the datasets with a fixed layout.
-BUILTIN_SHAPES = {"cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64)}
+BUILTIN_SHAPES = {"cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "digits": (10, DIGITS_SIDE)}
 CIFAR_ROWS = 32 * 32 * 3
 
 
@@ -197,10 +205,10 @@ class ResumableShuffleSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self):
         epoch, first_batch = self.position()
-        epoch_seed = (self.seed * 1_000_003 + epoch) % (2**62)
+        epoch_seed = mix_seed(self.seed, epoch, bits=62)
         order = torch.randperm(self.length, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
         for pos in range(first_batch * self.batch_size, self.length):
-            yield order[pos], (epoch_seed * 1_000_033 + pos) % (2**62)
+            yield order[pos], mix_seed(epoch_seed, pos, multiplier=1_000_033, bits=62)
 
 
 def distributed() -> bool:
@@ -379,6 +387,30 @@ def load_cifar(data: str, root: Path, split: str, num_classes: int) -> tuple[np.
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+def digits_scans() -> tuple[np.ndarray, np.ndarray]:
+    """All digit scans as uint8 RGB images [1797, 16, 16, 3] (grey in all three channels) and labels [1797] int64."""
+    # Imported here: scikit-learn (and SciPy under it) takes seconds to import, and only this dataset needs it.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    scale = DIGITS_SIDE // digits.images.shape[1]
+    grey = (digits.images * (255 / DIGITS_MAX)).astype(np.uint8).repeat(scale, axis=1).repeat(scale, axis=2)
+    return np.repeat(grey[..., None], 3, axis=3), digits.target.astype(np.int64)
+
+
+def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split of the digits, ordered by label, then by scan number.
+
+    That is the order torchvision's ImageFolder reads the class-folder tree these digits were first written as
+    (train/<digit>/<scan:04d>.png), so runs see the same batches as the image-folder runs in docs/.
+    """
+    images, labels = digits_scans()
+    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(labels))
+    chosen = order[:DIGITS_TEST_SIZE] if split == "test" else order[DIGITS_TEST_SIZE:]
+    chosen = chosen[np.lexsort((chosen, labels[chosen]))]
+    return images[chosen], labels[chosen]
+
+
 def read_wnids(root: Path, num_classes: int) -> dict[str, int]:
     """Tiny-ImageNet class ids mapped to labels: the index in sorted order of wnids.txt."""
     path = root / "wnids.txt"
@@ -438,6 +470,8 @@ def build_split(data: str, data_dir: Path, split: str, transform: transforms.Com
                 "give both splits the same class folders"
             )
         return image_folder(train if split == "train" else test, transform)
+    if data == "digits":
+        return ArrayDataset(*load_digits_split(split), transform)
     root = require_folder(data, data_dir)
     if data in CIFAR_FILES:
         return ArrayDataset(*load_cifar(data, root, split, num_classes), transform)

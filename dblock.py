@@ -3,13 +3,18 @@
 Token 0 carries the noisy label state z (scaled by c_in); tokens 1..P are image patches. Every
 layer is modulated by the noise level through an adaptive LayerNorm (adaLN-Zero: each layer starts
 as the identity). Block b owns a contiguous group of layers (L/B each by default, or any
---layers_per_block allocation) and denoises the b-th noise range, block 0 the highest noise. The stem (patch, position and label embeddings, noise MLP) and the head (final
-LayerNorm, final adaptive LayerNorm, classifier) are shared by all blocks.
+--layers_per_block allocation) and denoises the b-th noise range, block 0 the highest noise. The stem (patch,
+position and label embeddings, noise MLP) and the head (final LayerNorm, final adaptive LayerNorm, classifier) are
+shared by all blocks.
+
+As NVlabs/edm's EDMPrecond: the backbone maps the preconditioned inputs to the raw output F_x, a thin wrapper applies
+the EDM scalings and returns the denoised label state D_x = c_skip * z + c_out * F_x, and the head classifies D_x.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +23,7 @@ from torch import nn
 
 import edm
 from errors import UserError
+from seeds import mix_seed
 from vit import ArchConfig
 
 NOISE_FEATURES = 256  # width of the sinusoidal noise-level features
@@ -49,9 +55,14 @@ class DBlockConfig:
         if self.layers_per_block is not None:
             layout = ",".join(map(str, self.layers_per_block))
             if len(self.layers_per_block) != self.num_blocks:
-                raise UserError(f"--layers_per_block {layout} has {len(self.layers_per_block)} blocks but --num_blocks is {self.num_blocks}: drop --num_blocks or make them agree")
+                raise UserError(
+                    f"--layers_per_block {layout} has {len(self.layers_per_block)} blocks but --num_blocks is "
+                    f"{self.num_blocks}: drop --num_blocks or make them agree"
+                )
             if min(self.layers_per_block) < 1 or sum(self.layers_per_block) != num_layers:
-                raise UserError(f"--layers_per_block {layout} must be positive numbers summing to --num_hidden_layers {num_layers}")
+                raise UserError(
+                    f"--layers_per_block {layout} must be positive numbers summing to --num_hidden_layers {num_layers}"
+                )
         elif num_layers % self.num_blocks:
             raise UserError(
                 f"--num_hidden_layers {num_layers} is not divisible by --num_blocks {self.num_blocks}: "
@@ -83,7 +94,8 @@ def resolve_num_blocks(num_blocks: int | None, layout: tuple[int, ...] | None) -
     """B: --num_blocks if given (it must agree with --layers_per_block), else the layout's length, else 3."""
     if layout is not None and num_blocks is not None and num_blocks != len(layout):
         raise UserError(
-            f"--num_blocks {num_blocks} disagrees with --layers_per_block {','.join(map(str, layout))} ({len(layout)} blocks): drop one of them"
+            f"--num_blocks {num_blocks} disagrees with --layers_per_block {','.join(map(str, layout))} "
+            f"({len(layout)} blocks): drop one of them"
         )
     return num_blocks or (len(layout) if layout else 3)
 
@@ -277,25 +289,49 @@ class DiffusionBlocksViT(NoisePartition, nn.Module):
         table = self.label_embed.weight
         return table if self.dcfg.raw_embedding_bridge else F.normalize(table, dim=-1)
 
-    def embed_tokens(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Token sequence (N, 1 + P, D): c_in-scaled label state, then patches, plus positions."""
+    def embed_tokens(self, images: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
+        """Token sequence (N, 1 + P, D): the scaled label state z_in (N, D), then the patches, plus positions."""
         patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, P, D)
-        label_token = (edm.append_dims(edm.c_in(sigma, self.edm_cfg.sigma_data), z.ndim) * z)[:, None]  # (N, 1, D)
-        return self.embed_dropout(torch.cat([label_token, patches], dim=1) + self.pos_embed)
+        return self.embed_dropout(torch.cat([z_in[:, None], patches], dim=1) + self.pos_embed)
+
+    def backbone(
+        self, images: torch.Tensor, z_in: torch.Tensor, noise_cond: torch.Tensor, block: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw network output F_x (N, D) of `block`'s layers, and the noise conditioning vector (N, d_c).
+
+        Inputs are already preconditioned: z_in = c_in * z (N, D) and noise_cond = c_noise (N,). The head is
+        modulated by the same conditioning vector, so it is returned rather than computed twice.
+        """
+        cond = self.noise_embed(noise_cond)  # (N, d_c)
+        h = self.embed_tokens(images, z_in)  # (N, 1 + P, D)
+        for layer in self.blocks[block]:
+            h = layer(h, cond)
+        return self.final_norm(h)[:, 0], cond  # (N, D): the label token
+
+    def head(self, D_x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The shared head: denoised label state D_x (N, D) -> final adaptive LayerNorm -> logits (N, num_labels)."""
+        shift, scale = F.silu(self.final_ada(cond)).chunk(2, dim=-1)  # 2 x (N, D)
+        return self.classifier(D_x * (1 + scale) + shift)
+
+    def denoise_and_classify(
+        self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoised label state D_x = c_skip * z + c_out * F_x (N, D) and its logits (N, num_labels), from one pass.
+
+        The EDM preconditioning wrapped around the backbone, as NVlabs/edm's EDMPrecond: the scalings and D_x are
+        computed in fp32 whatever autocast does to the backbone's and the head's layers.
+        """
+        if block not in self.built_blocks:
+            raise ValueError(f"block {block} is not built in this model (it holds blocks {list(self.built_blocks)})")
+        z, sigma = z.to(torch.float32), sigma.to(torch.float32)
+        c_skip, c_out, c_in, c_noise = edm.scalings(sigma, self.edm_cfg.sigma_data)  # 4 x (N,)
+        F_x, cond = self.backbone(images, edm.append_dims(c_in, z.ndim) * z, c_noise, block)
+        D_x = edm.append_dims(c_skip, z.ndim) * z + edm.append_dims(c_out, z.ndim) * F_x.to(torch.float32)
+        return D_x, self.head(D_x, cond)
 
     def forward(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int) -> torch.Tensor:
         """Logits (N, num_labels) of the denoised label state, running only `block`'s layers."""
-        if block not in self.built_blocks:
-            raise ValueError(f"block {block} is not built in this model (it holds blocks {list(self.built_blocks)})")
-        sd = self.edm_cfg.sigma_data
-        c = self.noise_embed(edm.c_noise(sigma))  # (N, d_c)
-        h = self.embed_tokens(images, z, sigma)  # (N, 1 + P, D)
-        for layer in self.blocks[block]:
-            h = layer(h, c)
-        F_x = self.final_norm(h)[:, 0]  # (N, D)
-        D_x = edm.append_dims(edm.c_skip(sigma, sd), 2) * z + edm.append_dims(edm.c_out(sigma, sd), 2) * F_x
-        shift, scale = F.silu(self.final_ada(c)).chunk(2, dim=-1)
-        return self.classifier(D_x * (1 + scale) + shift)
+        return self.denoise_and_classify(images, z, sigma, block)[1]
 
 
 class AssembledBlocks(NoisePartition, nn.Module):
@@ -314,6 +350,12 @@ class AssembledBlocks(NoisePartition, nn.Module):
 
     def bridge_table(self) -> torch.Tensor:
         return self.members[0].bridge_table()
+
+    def denoise_and_classify(
+        self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """D_x and logits of `block`'s denoiser, run by the job that trained it."""
+        return self.members[self.owner[block]].denoise_and_classify(images, z, sigma, block)
 
     def forward(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int) -> torch.Tensor:
         """Logits of `block`'s denoiser, run by the job that trained it."""
@@ -339,8 +381,26 @@ def block_table(model: NoisePartition) -> list[dict]:
     return rows
 
 
+def block_for_step(seed: int, step: int, num_blocks: int) -> int:
+    """Block trained at optimizer step `step`: a function of (seed, step) alone, so alike on every rank and resume."""
+    g = torch.Generator().manual_seed(mix_seed(seed, step))
+    return int(torch.randint(num_blocks, (1,), generator=g))
+
+
+def noise_generator(seed: int, step: int, rank: int, micro_batch: int, device: torch.device) -> torch.Generator:
+    """Generator of one micro-batch's sigmas, noise and image dropout: derived from (seed, step, rank, micro-batch),
+    so DDP ranks draw different noise and a resumed run draws exactly what the straight run would."""
+    key = mix_seed(mix_seed(mix_seed(seed, step), rank, multiplier=1_009), micro_batch, multiplier=1_013)
+    return torch.Generator(device=device).manual_seed(key)
+
+
 def denoising_losses(
-    model: DiffusionBlocksViT, images: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, block: int
+    model: DiffusionBlocksViT,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sigma: torch.Tensor,
+    eps: torch.Tensor,
+    block: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample cross-entropy (N,) of one block denoising target + sigma * eps, and the EDM weights w(sigma) (N,)."""
     target = model.clean_targets(labels)  # (N, D)
@@ -350,12 +410,7 @@ def denoising_losses(
     return ce, edm.loss_weight(sigma, model.edm_cfg.sigma_data)
 
 
-def reduce_loss(ce: torch.Tensor, w: torch.Tensor, batch_mean_loss_weight: bool) -> torch.Tensor:
-    """The batch loss: released mean(CE) * mean(w) (its N x N broadcast), or the paper's mean(CE * w)."""
-    return ce.mean() * w.mean() if batch_mean_loss_weight else (ce * w).mean()
-
-
-def training_loss(
+def block_losses(
     model: DiffusionBlocksViT,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -363,9 +418,10 @@ def training_loss(
     generator: torch.Generator | None = None,
     class_dropout_prob: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weighted cross-entropy of one block on a batch, with sigmas, noise and image dropout drawn from `generator`.
+    """Per-sample training losses of one block: (CE (N,), EDM weight (N,), sigma (N,)); the caller reduces them.
 
-    Returns (loss, mean unweighted CE, the drawn sigmas). Images are blanked with `class_dropout_prob` (for guidance).
+    Sigmas, then noise, then image dropout (images blanked with `class_dropout_prob`, for guidance) are drawn
+    from `generator`, in that order.
     """
     n = labels.shape[0]
     lo, hi = model.training_range(block)
@@ -375,10 +431,17 @@ def training_loss(
         keep = torch.rand(n, device=images.device, generator=generator) >= class_dropout_prob
         images = images * edm.append_dims(keep, images.ndim).to(images.dtype)
     ce, w = denoising_losses(model, images, labels, sigma, eps, block)
-    return reduce_loss(ce, w, model.dcfg.batch_mean_loss_weight), ce.mean(), sigma
+    return ce, w, sigma
 
 
-def guided_logits(model: DiffusionBlocksViT, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int, cfg_scale: float) -> torch.Tensor:
+def reduce_loss(ce: torch.Tensor, w: torch.Tensor, batch_mean_loss_weight: bool) -> torch.Tensor:
+    """The batch loss: released mean(CE) * mean(w) (its N x N broadcast), or the paper's mean(CE * w)."""
+    return ce.mean() * w.mean() if batch_mean_loss_weight else (ce * w).mean()
+
+
+def guided_logits(
+    model: DiffusionBlocksViT, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int, cfg_scale: float
+) -> torch.Tensor:
     """Logits with classifier-free guidance uncond + s * (cond - uncond) as released (s = 0: guidance off);
     the unconditional input is an all-zero image."""
     cond = model(images, z, sigma, block)
@@ -393,16 +456,29 @@ def sampler_grid(num_steps: int, cfg: edm.EDMConfig) -> list[float]:
     return torch.tensor(edm.inference_sigmas(num_steps, cfg), dtype=torch.float32).tolist()
 
 
+@dataclass(frozen=True)
+class SamplerStep:
+    """One step of the sampler: the noise level it denoised, the block that did it, what it saw and predicted."""
+
+    index: int  # 0 .. num_steps - 1
+    sigma: float  # this step's noise level (a float32 grid value)
+    block: int
+    z: torch.Tensor  # (N, D) label state entering the step
+    logits: torch.Tensor  # (N, num_labels) guided logits of the state
+    denoised: torch.Tensor  # (N, D) bridge estimate softmax(logits) @ table, the Euler step's target
+
+
 @torch.no_grad()
-def sample_logits(
+def sampler_steps(
     model: DiffusionBlocksViT,
     images: torch.Tensor,
     num_steps: int,
     cfg_scale: float = 0.0,
     generator: torch.Generator | None = None,
     z0: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Euler sampler over the CDF-spaced sigma grid; each sigma is denoised by the block whose range holds it.
+) -> Iterator[SamplerStep]:
+    """Euler sampler over the CDF-spaced sigma grid, yielding every step; each sigma is denoised by the block whose
+    range holds it, and the last step's logits are the prediction.
 
     z0 is the unscaled starting noise (N, D); drawn from `generator` when not given.
     """
@@ -412,9 +488,24 @@ def sample_logits(
         z0 = torch.randn(n, d, device=images.device, generator=generator)
     z = z0 * math.sqrt(1.0 + sigmas[0] ** 2)
     table = model.bridge_table()
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        logits = guided_logits(model, images, z, torch.full((n,), sigma, device=images.device), model.block_of_sigma(sigma), cfg_scale)
+    for i, sigma in enumerate(sigmas):
+        block = model.block_of_sigma(sigma)
+        logits = guided_logits(model, images, z, torch.full((n,), sigma, device=images.device), block, cfg_scale)
         denoised = logits.float().softmax(dim=-1) @ table.float()  # (N, D)
-        z = edm.euler_step(z, denoised, sigma, sigma_next)
-    last = sigmas[-1]
-    return guided_logits(model, images, z, torch.full((n,), last, device=images.device), model.block_of_sigma(last), cfg_scale)
+        yield SamplerStep(i, sigma, block, z, logits, denoised)
+        if i + 1 < len(sigmas):
+            z = edm.euler_step(z, denoised, sigma, sigmas[i + 1])
+
+
+def sample_logits(
+    model: DiffusionBlocksViT,
+    images: torch.Tensor,
+    num_steps: int,
+    cfg_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+    z0: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Class logits (N, num_labels) of the sampler's last step (see sampler_steps)."""
+    for step in sampler_steps(model, images, num_steps, cfg_scale, generator, z0):
+        pass
+    return step.logits

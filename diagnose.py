@@ -252,7 +252,7 @@ def run(request: Request, loader_flags: dict, accelerator: str, overrides: dict)
     from bench import resolve_device
     from data import ImageDataModule
     from experiment import module_from_checkpoint
-    from hub import resolve_checkpoint
+    from hub.resolve import resolve_checkpoint
 
     ckpt, run_dir = resolve_checkpoint(request.ckpt_path)
     module = module_from_checkpoint(ckpt, request.ckpt_path, None, overrides)

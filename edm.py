@@ -14,22 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-SIGMA_DATA = 0.5
-SIGMA_MIN = 0.002
-SIGMA_MAX = 80.0
-P_MEAN = -1.2
-P_STD = 1.2
-
 
 @dataclass(frozen=True)
 class EDMConfig:
-    """Constants of the noise distribution and preconditioning (defaults: the paper's)."""
+    """Constants of the noise distribution and preconditioning (defaults: the paper's, EDM's Table 1)."""
 
-    sigma_data: float = SIGMA_DATA
-    sigma_min: float = SIGMA_MIN
-    sigma_max: float = SIGMA_MAX
-    P_mean: float = P_MEAN
-    P_std: float = P_STD
+    sigma_data: float = 0.5  # the data standard deviation the preconditioning assumes (EDM's value, kept by the paper)
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    P_mean: float = -1.2  # mean of ln(sigma) under the training log-normal
+    P_std: float = 1.2  # standard deviation of ln(sigma) under the training log-normal
 
 
 def append_dims(x: torch.Tensor, target_ndim: int) -> torch.Tensor:
@@ -37,17 +31,17 @@ def append_dims(x: torch.Tensor, target_ndim: int) -> torch.Tensor:
     return x.reshape(x.shape + (1,) * (target_ndim - x.ndim))
 
 
-def c_skip(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def c_skip(sigma: torch.Tensor, sigma_data: float = EDMConfig.sigma_data) -> torch.Tensor:
     """EDM skip scaling sigma_data^2 / (sigma^2 + sigma_data^2)."""
     return sigma_data**2 / (sigma**2 + sigma_data**2)
 
 
-def c_out(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def c_out(sigma: torch.Tensor, sigma_data: float = EDMConfig.sigma_data) -> torch.Tensor:
     """EDM output scaling sigma * sigma_data / sqrt(sigma^2 + sigma_data^2)."""
     return sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
 
 
-def c_in(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def c_in(sigma: torch.Tensor, sigma_data: float = EDMConfig.sigma_data) -> torch.Tensor:
     """EDM input scaling 1 / sqrt(sigma^2 + sigma_data^2)."""
     return 1.0 / torch.sqrt(sigma**2 + sigma_data**2)
 
@@ -57,7 +51,14 @@ def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(sigma) / 4.0
 
 
-def loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def scalings(
+    sigma: torch.Tensor, sigma_data: float = EDMConfig.sigma_data
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM preconditioning (Karras et al. 2022, Table 1): (c_skip, c_out, c_in, c_noise) of each sigma."""
+    return c_skip(sigma, sigma_data), c_out(sigma, sigma_data), c_in(sigma, sigma_data), c_noise(sigma)
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float = EDMConfig.sigma_data) -> torch.Tensor:
     """EDM loss weight (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2, i.e. 1 / c_out^2."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
@@ -91,7 +92,7 @@ PARTITIONS = ("equiprob", "uniform")
 
 
 def block_boundaries(num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
-    """Equi-probability boundaries sigma_0 < ... < sigma_B (ascending) splitting the truncated log-normal into B equal masses."""
+    """Equi-probability boundaries sigma_0 < ... < sigma_B (ascending): the truncated log-normal in B equal masses."""
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     q_lo, q_hi = cdf_range(cfg)
@@ -100,7 +101,7 @@ def block_boundaries(num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[floa
 
 
 def uniform_boundaries(num_blocks: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
-    """Boundaries at equal intervals of log sigma between sigma_min and sigma_max (the paper's uniform partition), ascending."""
+    """Ascending boundaries equally spaced in log sigma from sigma_min to sigma_max (the paper's uniform partition)."""
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     lo, hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
@@ -123,7 +124,9 @@ def block_range(block: int, bounds: list[float]) -> tuple[float, float]:
     return bounds[k], bounds[k + 1]
 
 
-def widened_block_range(block: int, bounds: list[float], gamma: float, cfg: EDMConfig = EDMConfig()) -> tuple[float, float]:
+def widened_block_range(
+    block: int, bounds: list[float], gamma: float, cfg: EDMConfig = EDMConfig()
+) -> tuple[float, float]:
     """Block range widened by gamma * ln(hi/lo) on each side in log space, clipped to [sigma_min, sigma_max]."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
@@ -171,7 +174,7 @@ def sample_truncated_lognormal(
 
 
 def inference_sigmas(num_steps: int, cfg: EDMConfig = EDMConfig()) -> list[float]:
-    """Inference grid: num_steps sigmas equally spaced in CDF space from sigma_max down to sigma_min, endpoints included."""
+    """Inference grid: num_steps sigmas equally spaced in CDF space from sigma_max down to sigma_min, both included."""
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
     q_lo, q_hi = cdf_range(cfg)

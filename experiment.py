@@ -20,7 +20,7 @@ from callbacks import LineProgress, attached_to_terminal
 import released
 from errors import UserError
 from fileio import write_atomic, write_json_atomic, write_text_atomic
-from module import MODEL_TYPES, LitClassifier
+from module import GRADIENT_CLIP_VAL, MODEL_TYPES, LitClassifier, Scoring
 
 LOGS_DIR = Path("logs")
 RUN_NAME_ENV = "DIFFUSIONBLOCKS_RUN_NAME"  # shared with the DDP worker processes Lightning re-launches
@@ -126,7 +126,9 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def module_from_checkpoint(ckpt: dict, path: str, model_type: str | None, overrides: dict) -> LitClassifier:
+def module_from_checkpoint(
+    ckpt: dict, path: str, model_type: str | None, overrides: dict, scoring: Scoring | None = None
+) -> LitClassifier:
     """Rebuild the LitClassifier a checkpoint was trained as, with test-time overrides, and load its weights."""
     hparams = dict(ckpt["hyper_parameters"])
     if model_type is not None and model_type != hparams["model_type"]:
@@ -135,7 +137,7 @@ def module_from_checkpoint(ckpt: dict, path: str, model_type: str | None, overri
             f"drop --model_type or pass --model_type {hparams['model_type']}"
         )
     hparams.update({k: v for k, v in overrides.items() if v is not None})
-    module = LitClassifier(**hparams)
+    module = LitClassifier(scoring=scoring, **hparams)
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError:
@@ -190,11 +192,13 @@ def make_trainer(
     log_every_n_steps: int = 50,
     validate_every: int | None = None,
     best_by: str | None = None,
+    callbacks: tuple[pl.Callback, ...] = (),
 ) -> pl.Trainer:
     """Trainer with the released recipe's clipping and checkpointing, writing everything into run_dir.
 
     validate_every: run the validation loop every this many epochs (None: never).
     best_by: keep the --save_top_k checkpoints with the highest value of this metric (None: the latest ones).
+    callbacks: more Lightning callbacks to attach.
     """
     if precision == "32":
         # As released: fp32 weights and activations, TF32 tensor cores for matmuls on Ampere and newer.
@@ -218,10 +222,10 @@ def make_trainer(
         precision="32-true" if precision == "32" else precision,
         max_epochs=max_epochs,
         max_steps=max_steps,
-        gradient_clip_val=1.0,
+        gradient_clip_val=GRADIENT_CLIP_VAL,
         accumulate_grad_batches=accumulate_grad_batches,
         logger=logger,
-        callbacks=[checkpoint, *extra],
+        callbacks=[checkpoint, *extra, *callbacks],
         enable_progress_bar=interactive,
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=log_every_n_steps,
@@ -241,7 +245,6 @@ def write_predictions(path: Path, module: LitClassifier) -> None:
 def write_metrics(path: Path, module: LitClassifier, ckpt_path: str | None) -> dict:
     """metrics.json: the test scores with what was scored."""
     payload = {**module.test_results, "model_type": module.hparams.model_type, "ckpt_path": ckpt_path}
-    if module.hparams.model_type == "dblock":
-        payload["num_inference_steps"] = module.inference_steps
+    payload.update(module.objective.metric_fields())
     write_json_atomic(path, payload)
     return payload

@@ -6,7 +6,7 @@ from typing import Literal
 
 from edm import PARTITIONS
 
-Data = Literal["cifar10", "cifar100", "tiny-imagenet", "imagefolder"]
+Data = Literal["cifar10", "cifar100", "tiny-imagenet", "digits", "imagefolder"]
 ModelType = Literal["vit", "dblock"]
 Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",

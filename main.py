@@ -1,5 +1,5 @@
-"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,bench} DATA [flags]`, `main.py report RUN_DIR...`,
-`main.py assemble CKPT... --output FILE`, `main.py push RUN --repo_id OWNER/NAME`.
+"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,bench} DATA [flags]`,
+`main.py report RUN_DIR...`, `main.py assemble CKPT... --output FILE`, `main.py push RUN --repo_id OWNER/NAME`.
 
 Flag names and defaults follow the released program; see README.md for every flag.
 """
@@ -7,19 +7,15 @@ Flag names and defaults follow the released program; see README.md for every fla
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import sys
 import typing
 import warnings
-from pathlib import Path
 from typing import Literal, NoReturn
 
 from jsonargparse import ArgumentParser, auto_cli
 
 from assemble import assemble
-from bench import bench
 from errors import UserError, check_at_least
 from flags import Accelerator, Augment, Data, Logger, ModelType, Partition, Precision, Scheduler
 from report import report
@@ -30,25 +26,10 @@ class OneLineErrorParser(ArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         text = re.sub(r"\s+", " ", str(message)).strip()
-        sys.stderr.write(f"error: {text} (see `main.py {self.prog.split()[-1]} --help`)\n")
+        # prog is `<script>` for the command itself, `<script> [options] <subcommand>` for a subcommand
+        command = " ".join(["main.py", *(word for word in self.prog.split()[1:] if not word.startswith("["))])
+        sys.stderr.write(f"error: {text} (see `{command} --help`)\n")
         raise SystemExit(2)
-
-
-def parse_json_object(text: str, flag: str) -> dict:
-    """Parse a JSON object given on the command line, or fail with a one-line hint."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{flag} is not valid JSON ({err.msg} at column {err.colno}): pass an object such as '{{\"min_lr\": 5e-5}}'") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{flag} must be a JSON object such as '{{\"min_lr\": 5e-5}}', got {text!r}")
-    return value
-
-
-def is_launching_process() -> bool:
-    """True in the process a user started, not in the DDP workers Lightning or srun start beside it."""
-    ranks = ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID")
-    return all(int(os.environ.get(name, "0")) == 0 for name in ranks)
 
 
 def train(
@@ -112,7 +93,8 @@ def train(
         data: Dataset: cifar10, cifar100, tiny-imagenet or imagefolder (class folders under --data_dir/train and /test).
         model_type: vit (end-to-end baseline) or dblock (DiffusionBlocks, one block trained per step).
         data_dir: Folder holding (or receiving) the dataset files.
-        run_name: Run folder name under logs/ (default: <timestamp>-<model_type><postfix>, or slurm-<job id>-... under Slurm).
+        run_name: Run folder name under logs/ (default: <timestamp>-<model_type><postfix>, or slurm-<job id>-... under
+            Slurm).
         postfix: Appended to the default run name (the recipes use "-rand-augment").
         devices: Accelerators per node; more than one trains with DDP.
         num_nodes: Nodes (multi-node DDP, e.g. under srun).
@@ -124,10 +106,14 @@ def train(
         eval_batch_size: Test batch size (default: batch_size).
         num_workers: Data loader worker processes.
         add_rand_aug: Add RandAugment after the horizontal flip (with any --augment).
-        augment: Training augmentation: released (the dataset's random crop and flip), none (resize and centre crop, as at test), crop (the random crop only) or flip (the flip only).
-        save_every_n_epochs: Write a checkpoint every this many epochs (plus last.ckpt); tiny-imagenet also validates then.
-        save_top_k: How many periodic checkpoints to keep (-1 = all): the best by val/acc on tiny-imagenet, else the latest.
-        eval_every_n_epochs: Score the test split every this many epochs and log eval/acc, a learning curve (default: never); changes neither training nor the checkpoint tested.
+        augment: Training augmentation: released (the dataset's random crop and flip), none (resize and centre crop, as
+            at test), crop (the random crop only) or flip (the flip only).
+        save_every_n_epochs: Write a checkpoint every this many epochs (plus last.ckpt); tiny-imagenet also validates
+            then.
+        save_top_k: How many periodic checkpoints to keep (-1 = all): the best by val/acc on tiny-imagenet, else the
+            latest.
+        eval_every_n_epochs: Score the test split every this many epochs and log eval/acc, a learning curve (default:
+            never); changes neither training nor the checkpoint tested.
         accumulate_grad_batches: Batches per optimizer step.
         gradient_checkpointing: Recompute activations in backward (vit baseline only).
         optimizer: Optimizer (only adamw, as released).
@@ -148,10 +134,14 @@ def train(
         intermediate_size: MLP width (default 3072).
         patch_size: Patch side in pixels (default 4).
         image_size: Input side in pixels (default 32; tiny-imagenet 64).
-        num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of --layers_per_block).
-        layers_per_block: dblock: layers of each block, block 0 (highest noise) first, e.g. 6,4,2 (default: the even split).
-        partition: dblock: noise-range boundaries: equiprob (equal training probability, released) or uniform (equal width in log sigma).
-        train_blocks: dblock: train only these blocks (e.g. 1 or 0,2) as an independent job with a frozen seed-derived label table; combine the jobs with `main.py assemble`.
+        num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of
+            --layers_per_block).
+        layers_per_block: dblock: layers of each block, block 0 (highest noise) first, e.g. 6,4,2 (default: the even
+            split).
+        partition: dblock: noise-range boundaries: equiprob (equal training probability, released) or uniform (equal
+            width in log sigma).
+        train_blocks: dblock: train only these blocks (e.g. 1 or 0,2) as an independent job with a frozen seed-derived
+            label table; combine the jobs with `main.py assemble`.
         gamma: dblock: log-space overlap of neighbouring blocks' noise ranges.
         num_inference_steps: dblock: sampler steps at test time (default num_blocks).
         cfg_scale: dblock: classifier-free guidance scale at test time (0 = off; 1 = the conditional logits).
@@ -162,116 +152,17 @@ def train(
         offload_weights: dblock: keep weights of blocks not being trained in host memory too (one device only).
         compile: torch.compile the model (worth it on GPUs; the first steps are slow while it compiles).
     """
-    config = dict(locals())  # the flags exactly as resolved, saved as config.yaml
-    from experiment import (
-        check_resumable, evaluation_schedule, find_resume_checkpoint, make_logger, make_trainer, module_from_checkpoint,
-        read_checkpoint, resolve_run_dir, write_metrics,
-    )
-    from data import ImageDataModule
-    from dblock import parse_block_list, parse_layers_per_block, resolve_num_blocks
-    from module import LitClassifier, check_scheduler
-    from vit import default_arch
-    import pytorch_lightning as pl
+    flags = dict(locals())  # the flags exactly as resolved, saved as config.yaml
+    import run
+    from config import build_configs
 
     check_at_least(
-        devices=devices, num_nodes=num_nodes, num_epochs=num_epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
-        save_every_n_epochs=save_every_n_epochs, accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
+        devices=devices, num_nodes=num_nodes, num_epochs=num_epochs, batch_size=batch_size,
+        eval_batch_size=eval_batch_size, save_every_n_epochs=save_every_n_epochs,
+        accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
         log_every_n_steps=log_every_n_steps, eval_every_n_epochs=eval_every_n_epochs,
     )
-    if offload_weights and (devices > 1 or num_nodes > 1):
-        raise UserError("--offload_weights works on one device only (DDP needs every weight on its device): drop it or use --devices 1")
-    layout = parse_layers_per_block(layers_per_block)
-    blocks_to_train = parse_block_list(train_blocks, "--train_blocks")
-    if blocks_to_train is not None and model_type != "dblock":
-        raise UserError("--train_blocks needs --model_type dblock")
-    num_blocks = resolve_num_blocks(num_blocks, layout)
-    sched_kwargs = parse_json_object(scheduler_specific_kwargs, "--scheduler_specific_kwargs")
-    check_scheduler(scheduler_type, num_warmup_steps, sched_kwargs)
-    arch = default_arch(
-        data, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size, patch_size=patch_size, image_size=image_size,
-    )
-    dm = ImageDataModule(
-        data, data_dir=data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-        add_rand_aug=add_rand_aug, image_size=arch.image_size, seed=seed, augment=augment,
-    )
-    pl.seed_everything(seed, workers=True, verbose=False)
-    module = LitClassifier(
-        model_type=model_type, arch=arch.to_dict(), num_labels=dm.info.num_classes, lr=lr, weight_decay=weight_decay,
-        scheduler_type=scheduler_type, num_warmup_steps=num_warmup_steps, scheduler_specific_kwargs=sched_kwargs, seed=seed,
-        gradient_checkpointing=gradient_checkpointing, num_blocks=num_blocks, gamma=gamma,
-        layers_per_block=list(layout) if layout else None, partition=partition, train_blocks=blocks_to_train,
-        batch_mean_loss_weight=batch_mean_loss_weight, raw_embedding_bridge=raw_embedding_bridge,
-        class_dropout_prob=class_dropout_prob, num_inference_steps=num_inference_steps, cfg_scale=cfg_scale,
-        offload_optimizer=offload_optimizer, offload_weights=offload_weights, compile_model=compile, augment=augment,
-    )
-    # An independent job holding some blocks cannot run the sampler, so it never scores.
-    module.eval_schedule = evaluation_schedule(dm.has_validation_split, save_every_n_epochs, eval_every_n_epochs) if module.covers_all_blocks else {}
-    run_dir = resolve_run_dir(run_name, model_type, postfix, ckpt_path)
-    ckpt_path = ckpt_path or find_resume_checkpoint(run_dir)  # a requeued job finds its own folder
-    if ckpt_path:
-        # Fail now, in one line, on a missing, corrupt or incompatible file.
-        check_resumable(read_checkpoint(ckpt_path), ckpt_path, module.hparams)
-    if is_launching_process():
-        # Read (or download) the data before the run folder exists, so bad data leaves nothing behind;
-        # Lightning's own prepare_data/setup then find it ready.
-        dm.prepare_data()
-        dm.setup("fit")
-        dm.train_dataloader()  # rejects a batch larger than the training set
-    scale = len(module.trainable_blocks) if model_type == "dblock" else 1
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = make_trainer(
-        run_dir=run_dir,
-        logger=make_logger(logger, data=data, run_name=run_dir.name, run_dir=run_dir, debug=debug),
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
-        max_epochs=num_epochs * scale, max_steps=max_steps * scale if max_steps > 0 else -1,
-        accumulate_grad_batches=accumulate_grad_batches, save_every_n_epochs=save_every_n_epochs, save_top_k=save_top_k,
-        find_unused_parameters=model_type == "dblock", progress_every_s=progress_every_s, log_every_n_steps=log_every_n_steps,
-        validate_every=math.gcd(*module.eval_schedule.values()) or None, best_by="val/acc" if "val" in module.eval_schedule else None,
-    )
-    if trainer.is_global_zero:
-        save_resolved_config(run_dir, config)
-        if model_type == "dblock":
-            write_block_table(run_dir, module.model)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    if not module.covers_all_blocks:
-        print(f"trained blocks {blocks_to_train} of {num_blocks}: combine every block's job with `main.py assemble`, then test the result")
-        return {}
-    # As released: the best checkpoint by val/acc where the dataset has a validation split, else the final weights.
-    callback = trainer.checkpoint_callback
-    scored = ("val" in module.eval_schedule and callback.best_model_path) or callback.last_model_path
-    # Scored from the file exactly as `main.py test --ckpt_path <it> --seed <seed>` would (dblock's sampler noise included).
-    tested = module_from_checkpoint(read_checkpoint(scored), scored, None, {})
-    pl.seed_everything(seed, verbose=False)
-    trainer.test(tested, datamodule=dm, verbose=True)
-    if trainer.is_global_zero:
-        return write_metrics(run_dir / "metrics.json", tested, scored)
-    return {}
-
-
-def write_block_table(run_dir: Path, model) -> None:
-    """blocks.json in the run folder, and one line per block on stdout: layers, noise ranges, probability mass."""
-    from dblock import block_table
-    from fileio import write_json_atomic
-
-    table = block_table(model)
-    for row in table:
-        lo, hi = row["sigma_range"]
-        wlo, whi = row["widened_range"]
-        print(
-            f"block {row['block']}: layers {row['layers'][0]}-{row['layers'][-1]}, sigma [{lo:.6g}, {hi:.6g}] "
-            f"(trained on [{wlo:.6g}, {whi:.6g}]), probability mass {row['probability_mass']:.4f}"
-        )
-    write_json_atomic(run_dir / "blocks.json", {"blocks": table})
-
-
-def save_resolved_config(run_dir: Path, config: dict) -> None:
-    """config.yaml in the run folder: the flags of this run, loadable again with --config."""
-    import yaml
-
-    from fileio import write_text_atomic
-
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    return run.train(build_configs(data, flags), flags)
 
 
 def test(
@@ -291,11 +182,12 @@ def test(
     raw_embedding_bridge: bool | None = None,
     save_predictions: bool = False,
 ) -> dict:
-    """Score a checkpoint on DATA's test split; writes metrics.json next to the checkpoint (Hub models: logs/hf-OWNER--NAME/).
+    """Score a checkpoint on DATA's test split; metrics.json goes next to it (Hub models: logs/hf-OWNER--NAME/).
 
     Args:
         data: Dataset: cifar10, cifar100, tiny-imagenet or imagefolder.
-        ckpt_path: Checkpoint written by train, a folder written by push, or hf://OWNER/NAME[@REVISION] (architecture and model type are read from it).
+        ckpt_path: Checkpoint written by train, a folder written by push, or hf://OWNER/NAME[@REVISION] (architecture
+            and model type are read from it).
         model_type: Optional check: must match the checkpoint's model type.
         data_dir: Folder holding (or receiving) the dataset files.
         batch_size: Batch size (used when --eval_batch_size is not given).
@@ -307,39 +199,91 @@ def test(
         num_inference_steps: dblock: sampler steps (default: the checkpoint's, else num_blocks); any value works.
         cfg_scale: dblock: classifier-free guidance scale (default: the checkpoint's).
         raw_embedding_bridge: dblock: override the checkpoint's bridge quirk (true = released raw table).
-        save_predictions: Also write predictions.csv (index, label, prediction per test image, in dataset order) next to metrics.json.
+        save_predictions: Also write predictions.csv (index, label, prediction per test image, in dataset order) next to
+            metrics.json.
     """
-    import pytorch_lightning as pl
-
-    from data import ImageDataModule
-    from experiment import make_trainer, module_from_checkpoint, write_metrics, write_predictions
-    from hub import resolve_checkpoint
+    import run
+    from config import build_configs
 
     check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
-    ckpt, run_dir = resolve_checkpoint(ckpt_path)  # a .ckpt file, a folder written by push, or hf://OWNER/NAME[@REVISION]
-    overrides = {"num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge}
-    module = module_from_checkpoint(ckpt, ckpt_path, model_type, overrides)
-    arch = module.hparams.arch
-    dm = ImageDataModule(
-        data, data_dir=data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-        image_size=arch["image_size"],
-    )
-    if dm.info.num_classes != module.hparams.num_labels:
-        raise UserError(
-            f"checkpoint {ckpt_path} classifies {module.hparams.num_labels} classes but {data} has {dm.info.num_classes}: "
-            "test on the dataset the checkpoint was trained on"
-        )
-    pl.seed_everything(seed, verbose=False)
-    trainer = make_trainer(
-        run_dir=run_dir, logger=False, accelerator=accelerator, devices=1, num_nodes=1, precision=precision, max_epochs=1,
-        max_steps=-1, accumulate_grad_batches=1, save_every_n_epochs=1, save_top_k=0, find_unused_parameters=False,
-    )
-    module.save_predictions = save_predictions
-    trainer.test(module, datamodule=dm, verbose=True)
-    run_dir.mkdir(parents=True, exist_ok=True)  # logs/hf-OWNER--NAME/ for a Hub model, created only once it is scored
-    if save_predictions:
-        write_predictions(run_dir / "predictions.csv", module)
-    return write_metrics(run_dir / "metrics.json", module, str(ckpt_path))
+    overrides = {
+        "num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge
+    }
+    flags = {k: v for k, v in locals().items() if k in TEST_RUN_FLAGS}
+    return run.test(build_configs(data, flags), ckpt_path, model_type, overrides, save_predictions)
+
+
+# test's flags that describe the run (the others override the checkpoint's hyper-parameters)
+TEST_RUN_FLAGS = ("data_dir", "batch_size", "eval_batch_size", "num_workers", "accelerator", "precision", "seed")
+
+
+def bench(
+    data: Data,
+    *,
+    batch_size: int = 128,
+    num_blocks: int | None = None,
+    layers_per_block: str | None = None,
+    train_blocks: str | None = None,
+    hidden_size: int | None = None,
+    num_hidden_layers: int | None = None,
+    num_attention_heads: int | None = None,
+    intermediate_size: int | None = None,
+    patch_size: int | None = None,
+    image_size: int | None = None,
+    accelerator: Accelerator = "auto",
+    precision: Precision = "32",
+    compile: bool = False,
+    steps: int = 5,
+    warmup_steps: int = 2,
+    num_workers: int = 2,
+    loader_batches: int = 20,
+    output: str | None = None,
+    plot: str | None = None,
+    seed: int = 42,
+    data_dir: str = "data",
+) -> dict:
+    """Measure peak training memory (by component), step and inference times of vit and dblock variants, loader speed.
+
+    Args:
+        data: Dataset whose shape is used: cifar10, cifar100, tiny-imagenet or imagefolder (inputs are random; no image
+            is read).
+        batch_size: Training and inference batch size.
+        num_blocks: dblock: number of blocks B the layers are split into (default 3, or the length of
+            --layers_per_block).
+        layers_per_block: dblock: layers of each block, block 0 first, e.g. 6,4,2 (default: the even split); the worst
+            block is reported.
+        train_blocks: dblock: measure an independent job that builds and trains only these blocks (e.g. 1); no inference
+            timing.
+        hidden_size: Transformer width (default per dataset: 128; tiny-imagenet 768).
+        num_hidden_layers: Transformer depth (default 12).
+        num_attention_heads: Attention heads (default 4; tiny-imagenet 12).
+        intermediate_size: MLP width (default 3072).
+        patch_size: Patch side in pixels (default 4).
+        image_size: Input side in pixels (default 32; tiny-imagenet 64).
+        accelerator: auto (CUDA if present), cpu or gpu.
+        precision: 32 (fp32, TF32 matmuls on CUDA) or bf16-mixed.
+        compile: Run the models through torch.compile.
+        steps: Timed training steps (and inference batches) per variant; the median is reported.
+        warmup_steps: Untimed steps before timing, after every block has been trained once.
+        num_workers: Data loader worker processes for the loader measurement.
+        loader_batches: Batches timed in the loader measurement (after one untimed batch that starts the workers).
+        output: Write the results as JSON to this file.
+        plot: Write a PNG stacked-bar chart of the memory breakdown to this file.
+        seed: Seed of initialisation, inputs and the block sequence.
+        data_dir: imagefolder only: folder whose train/ class folders give the number of classes.
+    """
+    flags = dict(locals())
+    import bench as benchmark
+    from config import build_configs
+    from fileio import check_writable
+
+    check_at_least(batch_size=batch_size, num_blocks=num_blocks, steps=steps, loader_batches=loader_batches)
+    check_at_least(minimum=0, warmup_steps=warmup_steps, num_workers=num_workers)
+    for flag, path in (("--output", output), ("--plot", plot)):
+        if path is not None:
+            check_writable(flag, path)
+    timing = benchmark.Timing(steps=steps, warmup_steps=warmup_steps, loader_batches=loader_batches)
+    return benchmark.run(build_configs(data, flags), timing, output, plot)
 
 
 def push(
@@ -350,22 +294,22 @@ def push(
     dry_run: str | None = None,
     include_checkpoint: bool = False,
 ) -> str:
-    """Share a trained model on the Hugging Face Hub: model.safetensors, config.json, config.yaml, metrics.json, model card.
+    """Share a trained model on the Hugging Face Hub: model.safetensors, config.json, config.yaml, metrics.json, card.
 
     Args:
-        run: Run folder written by train (its last.ckpt, or the checkpoint its metrics.json scored), or a .ckpt file in one.
+        run: Run folder written by train (its last.ckpt, or the checkpoint its metrics.json scored), or a .ckpt file in
+            one.
         repo_id: Hub repository OWNER/NAME, created if missing; needs a token (`hf auth login` or HF_TOKEN).
         private: Create the repository as private (an existing one keeps its visibility).
         dry_run: Write the model folder here and upload nothing.
         include_checkpoint: Also upload the Lightning .ckpt (optimizer state included, for resuming).
     """
-    import inspect
+    from config import default_flags
+    from hub.publish import push as push_model
 
-    from hub import push as push_model
-
-    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items() if p.default is not p.empty}
     return push_model(
-        run, repo_id=repo_id, private=private, dry_run=dry_run, include_checkpoint=include_checkpoint, train_defaults=defaults
+        run, repo_id=repo_id, private=private, dry_run=dry_run, include_checkpoint=include_checkpoint,
+        train_defaults=default_flags("train"),
     )
 
 

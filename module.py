@@ -1,29 +1,30 @@
-"""The LightningModule that trains and scores either model type (`vit` or `dblock`)."""
+"""The LightningModule that trains and scores a model through its objective (objectives.py): optimiser,
+schedule, logging, scoring and offload hooks, the same for every model type."""
 
 from __future__ import annotations
 
-import json
-import os
+import inspect
 import random
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import get_args
 
 import torch
-import torch.nn.functional as F
 import pytorch_lightning as pl
 from huggingface_hub import PyTorchModelHubMixin
 from transformers import get_scheduler
 
-import dblock
+from config import OptimConfig, default_hparams, spec_from_hparams
 from errors import UserError
+from flags import ModelType
+from objectives import StepIndex, StepLoss, make_objective
 from offload import BlockOffloader
-from vit import ArchConfig, ViTClassifier
 
-MODEL_TYPES = ("vit", "dblock")
-BLOCK_TRACE_ENV = "DIFFUSIONBLOCKS_BLOCK_TRACE"  # debugging aid: folder receiving per-rank block traces
+MODEL_TYPES = get_args(ModelType)
+GRADIENT_CLIP_VAL = 1.0  # the released recipe's gradient-norm clipping (train's Trainer and bench)
 
 
 def capture_rng_states() -> dict:
-    """Every random generator training draws from (dropout, sigmas, noise, augmentation, data order)."""
+    """Every random generator training draws from (dropout, augmentation, data order): saved for a bit-exact resume."""
     states = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -38,23 +39,12 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def block_for_step(seed: int, step: int, num_blocks: int) -> int:
-    """Block trained at optimizer step `step`: a pure function of (seed, step), identical on every rank and after resume."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
-    return int(torch.randint(num_blocks, (1,), generator=g))
-
-
-def noise_generator(seed: int, step: int, rank: int, micro_batch: int, device: torch.device) -> torch.Generator:
-    """Generator of one micro-batch's sigmas, noise and image dropout: derived from (seed, step, rank, micro-batch),
-    so DDP ranks draw different noise and a resumed run draws exactly what the straight run would."""
-    key = ((seed * 1_000_003 + step) * 1_009 + rank) * 1_013 + micro_batch
-    return torch.Generator(device=device).manual_seed(key % (2**63))
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, num_warmup_steps: int, num_training_steps: int, kwargs: dict):
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, num_warmup_steps: int, num_training_steps: int,
+                   kwargs: dict):
     """The released schedule: transformers.get_scheduler, stepped every optimizer step."""
     return get_scheduler(
-        name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps, scheduler_specific_kwargs=kwargs
+        name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=kwargs,
     )
 
 
@@ -70,26 +60,39 @@ def check_scheduler(name: str, num_warmup_steps: int, kwargs: dict) -> None:
         raise UserError(f"--scheduler_type {name} with --scheduler_specific_kwargs {kwargs}: {message}") from None
 
 
-def check_train_blocks(train_blocks: list[int] | None, num_blocks: int) -> None:
-    """--train_blocks must name distinct existing blocks."""
-    if train_blocks is None:
-        return
-    if not train_blocks or len(set(train_blocks)) != len(train_blocks) or not all(0 <= b < num_blocks for b in train_blocks):
-        raise UserError(
-            f"--train_blocks {','.join(map(str, train_blocks))} must name distinct blocks between 0 and {num_blocks - 1}, e.g. --train_blocks 1"
-        )
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """The recipe's AdamW over the trainable parameters (an independent job's label table is frozen); fused on CUDA."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda")
 
 
-def build_dblock(arch: ArchConfig, num_labels: int, dcfg, seed: int, train_blocks: list[int] | None, member_blocks: list[list[int]] | None):
-    """The DiffusionBlocks network: joint (every block, shared trainable label table), one independent job's
-    blocks (frozen seed-derived label table, its own stem and head), or the assembly of such jobs."""
-    if member_blocks is not None:
-        members = [dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dcfg, built_blocks=tuple(m), label_seed=seed) for m in member_blocks]
-        return dblock.AssembledBlocks(members)
-    if train_blocks is not None:
-        check_train_blocks(train_blocks, dcfg.num_blocks)
-        return dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dcfg, built_blocks=tuple(train_blocks), label_seed=seed)
-    return dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dcfg)
+@dataclass(frozen=True)
+class Scoring:
+    """How a run scores the test split; not a hyper-parameter (a checkpoint does not record it).
+
+    schedule: metric prefix -> every how many epochs it is due while training: "val" (datasets with a validation
+    split, the checkpoint selection) and "eval" (--eval_every_n_epochs); both score the test split.
+    sampler_seed: seed of the sampler's noise at every scoring (None: the model's seed).
+    save_predictions: keep every test prediction (for predictions.csv).
+    """
+
+    schedule: dict[str, int] = field(default_factory=dict)
+    sampler_seed: int | None = None
+    save_predictions: bool = False
+
+
+def resolve_hparams(hparams: dict) -> dict:
+    """Every hyper-parameter, train's default where the dict lacks one (older and converted checkpoints)."""
+    unknown = set(hparams) - {"num_labels", *default_hparams()}
+    if unknown:
+        raise TypeError(f"unknown hyper-parameters {sorted(unknown)}")
+    if hparams.get("model_type", "vit") not in MODEL_TYPES:
+        raise UserError(f"unknown model type {hparams['model_type']!r}: choose one of {', '.join(MODEL_TYPES)}")
+    if not 0.0 <= hparams.get("class_dropout_prob", 0.0) <= 1.0:
+        raise UserError(f"--class_dropout_prob must be in [0, 1], got {hparams['class_dropout_prob']}")
+    resolved = {**default_hparams(), **hparams}
+    first = {key: resolved.pop(key) for key in ("model_type", "arch")} | {"num_labels": hparams["num_labels"]}
+    return {**first, **resolved}  # the key order of every checkpoint
 
 
 class LitClassifier(
@@ -102,169 +105,120 @@ class LitClassifier(
 ):
     """Image classifier trained end to end (`vit`) or one diffusion block per step (`dblock`).
 
-    Hyper-parameters are plain Python values so checkpoints open with torch.load(weights_only=True).
+    `hparams` are the checkpoint's hyper-parameters (config.to_hparams): plain Python values, so checkpoints open
+    with torch.load(weights_only=True); missing ones take train's defaults. `scoring` says how the run scores.
     The Hugging Face mixin gives `save_pretrained` (model.safetensors + config.json of the hyper-parameters)
     and `LitClassifier.from_pretrained("OWNER/NAME" or a folder)`, which rebuilds the model from config.json
-    alone and returns it in eval mode (see hub.py and `main.py push`).
-    `augment` is not used here: it records the training augmentation (`--augment`) for whoever reads the checkpoint.
+    alone and returns it in eval mode (see hub/ and `main.py push`).
     """
 
-    def __init__(
-        self,
-        *,
-        model_type: str = "vit",
-        arch: dict | None = None,
-        num_labels: int = 100,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        scheduler_type: str = "constant_with_warmup",
-        num_warmup_steps: int = 0,
-        scheduler_specific_kwargs: dict | None = None,
-        seed: int = 42,
-        gradient_checkpointing: bool = False,
-        num_blocks: int = 3,
-        gamma: float = 0.05,
-        layers_per_block: list[int] | None = None,
-        partition: str = "equiprob",
-        train_blocks: list[int] | None = None,
-        member_blocks: list[list[int]] | None = None,
-        batch_mean_loss_weight: bool = True,
-        raw_embedding_bridge: bool = True,
-        class_dropout_prob: float = 0.0,
-        num_inference_steps: int | None = None,
-        cfg_scale: float = 0.0,
-        offload_optimizer: bool = True,
-        offload_weights: bool = False,
-        compile_model: bool = False,
-        augment: str = "released",
-    ):
+    def __init__(self, *, scoring: Scoring | None = None, **hparams):
         super().__init__()
-        if model_type not in MODEL_TYPES:
-            raise UserError(f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
-        if not 0.0 <= class_dropout_prob <= 1.0:
-            raise UserError(f"--class_dropout_prob must be in [0, 1], got {class_dropout_prob}")
-        self.save_hyperparameters()
-        arch_cfg = ArchConfig(**(arch or {}))
-        if model_type == "vit":
-            self.model = ViTClassifier(arch=arch_cfg, num_labels=num_labels)
-            if gradient_checkpointing:
-                self.model.enable_gradient_checkpointing()
-        else:
-            dcfg = dblock.DBlockConfig(
-                num_blocks=num_blocks,
-                gamma=gamma,
-                layers_per_block=tuple(layers_per_block) if layers_per_block else None,
-                partition=partition,
-                batch_mean_loss_weight=batch_mean_loss_weight,
-                raw_embedding_bridge=raw_embedding_bridge,
-            )
-            self.model = build_dblock(arch_cfg, num_labels, dcfg, seed, train_blocks, member_blocks)
-        use_offload = model_type == "dblock" and member_blocks is None and (offload_optimizer or offload_weights)
-        self.offloader = BlockOffloader(self.model.blocks, offload_weights=offload_weights) if use_offload else None
-        # As released, images are blanked for guidance only when guidance is on.
-        self.class_dropout = class_dropout_prob if cfg_scale > 0 else 0.0
-        self.current_block: int | None = None
-        self.last_sigma: torch.Tensor | None = None  # the last step's noise levels (block trace)
+        self.save_hyperparameters(resolve_hparams(hparams))
+        self.spec = spec_from_hparams(self.hparams)
+        self.objective = make_objective(self.spec)
+        self.scoring = scoring or Scoring()
+        self.model = self.objective.build_model()
+        m = self.spec.model
+        wanted = m.offload_optimizer or m.offload_weights
+        offloads = self.objective.has_blocks and self.spec.member_blocks is None and wanted
+        self.offloader = BlockOffloader(self.model.blocks, offload_weights=m.offload_weights) if offloads else None
+        self.last_loss: StepLoss | None = None  # the last training micro-batch's loss terms (for callbacks)
         self._correct = 0
         self._total = 0
-        self.save_predictions = False  # test: keep every prediction for predictions.csv
+        self._generator: torch.Generator | None = None
         self.predictions: list[torch.Tensor] = []
         self.test_results: dict[str, float] = {}
-        # Metric prefix -> every how many epochs it is due, set by the train command: "val" (datasets with a
-        # validation split, the checkpoint selection) and "eval" (--eval_every_n_epochs); both score the test split.
-        self.eval_schedule: dict[str, int] = {}
         self._due_prefixes: list[str] = []
-        self._training_rng: dict | None = None
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):
-        # The mixin loads weights non-strictly by default; config.json rebuilds the exact network, so every weight must load.
-        return super()._from_pretrained(strict=strict, **kwargs)
+        # The mixin loads weights non-strictly by default; config.json rebuilds the exact network: all must load.
+        # config.json also describes the expected input (its "dataset" entry), which is not a hyper-parameter.
+        loading = inspect.signature(PyTorchModelHubMixin._from_pretrained).parameters
+        kept = {k: v for k, v in kwargs.items() if k in loading or k in {"num_labels", *default_hparams()}}
+        return super()._from_pretrained(strict=strict, **kept)
 
     def setup(self, stage: str) -> None:
-        # Compiled in place, so state_dict keys (and checkpoints) are the same with and without it.
-        if stage == "fit" and self.hparams.compile_model and self.model._compiled_call_impl is None:
+        if stage == "fit":
+            self.compile_once()
+
+    def compile_once(self) -> None:
+        """torch.compile the model under --compile, in place, so state_dict keys (and checkpoints) stay the same."""
+        if self.spec.model.compile_model and self.model._compiled_call_impl is None:
             self.model.compile()
 
     @property
-    def is_dblock(self) -> bool:
-        return self.hparams.model_type == "dblock"
+    def current_block(self) -> int | None:
+        """The block the last training step drew (None for vit and before the first step)."""
+        return self.last_loss.block if self.last_loss else None
 
     @property
     def trainable_blocks(self) -> list[int]:
-        """The blocks this run draws its steps from: --train_blocks, else all."""
-        return self.hparams.train_blocks or list(range(self.hparams.num_blocks))
+        """The blocks this run draws its steps from (the whole network is one block 0 for vit)."""
+        return self.objective.trainable_blocks
 
     @property
     def covers_all_blocks(self) -> bool:
-        """Whether this model can run the sampler (an independent job holding some blocks cannot)."""
-        return not self.is_dblock or sorted(self.model.owner if self.hparams.member_blocks else self.trainable_blocks) == list(range(self.hparams.num_blocks))
+        """Whether this model can predict (an independent job holding some blocks cannot run the sampler)."""
+        return self.objective.covers_all_blocks
 
     @property
-    def inference_steps(self) -> int:
-        """Sampler steps at test time: the flag if given, else one per block."""
-        return self.hparams.num_inference_steps or self.hparams.num_blocks
+    def inference_steps(self) -> int | None:
+        """dblock's sampler steps at test time (None for vit)."""
+        return self.objective.inference_steps
 
     # ---- training -------------------------------------------------------------------------
+    def start_block(self, step: int, optimizer, block: int | None = None) -> int | None:
+        """The block step `step` trains (or `block`), brought on the device with its optimizer state first."""
+        block = self.objective.block_at(step) if block is None else block
+        if self.offloader is not None:
+            self.offloader.activate(block, optimizer, self.device)
+        return block
+
+    def block_loss(self, images: torch.Tensor, labels: torch.Tensor, where: StepIndex, block: int | None) -> StepLoss:
+        """One micro-batch's training loss (the objective's), as training and bench compute it."""
+        return self.objective.loss(self.model, images, labels, where, block)
+
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        if batch_idx % self.trainer.accumulate_grad_batches == 0:
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        optimizer = self.optimizers().optimizer
+        if micro_batch == 0:
             # Lightning clears gradients only after the forward pass; clearing them first frees the
             # previous step's gradients during this forward and lets offloaded weights move without them.
-            self.optimizers().optimizer.zero_grad(set_to_none=True)
-        if not self.is_dblock:
-            loss = F.cross_entropy(self.model(images).float(), labels)
-            self.check_finite(loss)
-            self.log("train/loss", loss, prog_bar=True)
-            return loss
-        block = self.trainable_blocks[block_for_step(self.hparams.seed, self.global_step, len(self.trainable_blocks))]
-        self.current_block = block
-        if self.offloader is not None:
-            self.offloader.activate(block, self.optimizers().optimizer, self.device)
-        g = noise_generator(self.hparams.seed, self.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches, self.device)
-        loss, ce, self.last_sigma = dblock.training_loss(self.model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout)
-        self.check_finite(loss)
-        self.log_dict({"train/loss": loss, "train/ce_loss": ce}, prog_bar=True)
-        self.log("train/block", float(block))
-        self.log_block_losses(block, loss, ce)
-        return loss
+            optimizer.zero_grad(set_to_none=True)
+        block = self.start_block(self.global_step, optimizer)
+        out = self.block_loss(images, labels, StepIndex(self.global_step, self.global_rank, micro_batch), block)
+        self.last_loss = out
+        self.check_finite(out)
+        self.log_dict(out.logged, prog_bar=True)
+        if out.block is not None:
+            self.log("train/block", float(out.block))
+            self.log_block_curves(out)
+        return out.loss
 
-    def log_block_losses(self, block: int, loss: torch.Tensor, ce: torch.Tensor) -> None:
-        """Per-block curves `train/loss_<b>`, `train/ce_loss_<b>`, sent straight to the loggers at the steps that trained
-        block b (Lightning's self.log would re-send each key's last value at every later logging step)."""
+    def log_block_curves(self, out: StepLoss) -> None:
+        """Per-block curves `train/loss_<b>`, `train/ce_loss_<b>`, sent straight to the loggers at the steps that
+        trained block b (Lightning's self.log would re-send each key's last value at every later logging step)."""
         # Lightning's own cadence: it logs a step's metrics when (step + 1) is a multiple of log_every_n_steps.
         if not self.loggers or (self.global_step + 1) % self.trainer.log_every_n_steps:
             return
-        metrics = {f"train/loss_{block}": float(loss), f"train/ce_loss_{block}": float(ce)}
+        metrics = {f"{name}_{out.block}": float(value.detach()) for name, value in out.logged.items()}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
 
-    def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop before a non-finite loss reaches the weights, naming the step, the block and the last good checkpoint."""
-        if torch.isfinite(loss):
+    def check_finite(self, out: StepLoss) -> None:
+        """Stop before a non-finite loss reaches the weights, naming the step, block and last good checkpoint."""
+        if torch.isfinite(out.loss):
             return
         callback = getattr(self.trainer, "checkpoint_callback", None)
         last_good = (callback.last_model_path or callback.best_model_path) if callback else ""
-        block = f" (block {self.current_block})" if self.is_dblock else ""
+        block = f" (block {out.block})" if out.block is not None else ""
         raise UserError(
-            f"non-finite loss {loss.item()} at step {self.global_step}{block}; last good checkpoint: {last_good or 'none yet'}. "
-            "Resume from it with --ckpt_path and a lower --lr, or use --precision 32"
+            f"non-finite loss {out.loss.item()} at step {self.global_step}{block}; last good checkpoint: "
+            f"{last_good or 'none yet'}. Resume from it with --ckpt_path and a lower --lr, or use --precision 32"
         )
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.is_dblock and os.environ.get(BLOCK_TRACE_ENV):
-            self.trace_block()
-
-    def trace_block(self) -> None:
-        """Append this rank's drawn block, the blocks holding gradients and the sum of its sigmas to <trace dir>/rank<r>.jsonl."""
-        with_grad = [b for b, layers in enumerate(self.model.blocks) if any(p.grad is not None for p in layers.parameters())]
-        record = {
-            "rank": self.global_rank, "step": self.global_step, "block": self.current_block, "blocks_with_grad": with_grad,
-            "sigma_sum": float(self.last_sigma.sum()),
-        }
-        path = Path(os.environ[BLOCK_TRACE_ENV]) / f"rank{self.global_rank}.jsonl"
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = capture_rng_states()
@@ -275,16 +229,10 @@ class LitClassifier(
             restore_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self):
-        fused = self.device.type == "cuda"
-        trainable = [p for p in self.parameters() if p.requires_grad]  # an independent job's label table is frozen
-        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused)
-        scheduler = make_scheduler(
-            optimizer,
-            self.hparams.scheduler_type,
-            self.hparams.num_warmup_steps,
-            int(self.trainer.estimated_stepping_batches),
-            self.hparams.scheduler_specific_kwargs or {},
-        )
+        optimizer = build_optimizer(self.model, self.spec.optim, self.device)
+        o = self.spec.optim
+        steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = make_scheduler(optimizer, o.scheduler_type, o.num_warmup_steps, steps, o.scheduler_specific_kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:
@@ -292,26 +240,27 @@ class LitClassifier(
             self.offloader.restore_weights(self.device)
 
     # ---- scoring (validation while training, test after it) -------------------------------------
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits for a batch of images (the diffusion sampler for dblock)."""
-        if not self.is_dblock:
-            return self.model(images)
-        return dblock.sample_logits(self.model, images, self.inference_steps, self.hparams.cfg_scale)
+    def predict_logits(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Class logits for a batch of images (dblock: the sampler, its noise drawn from `generator`)."""
+        return self.objective.predict(self.model, images, generator)
 
     def start_scoring(self) -> None:
-        """Put every block on the device (inference needs all of them) and reset the counts."""
+        """Put every block on the device (inference needs all of them), reset the counts, seed the sampler's noise."""
         if self.offloader is not None:
             self.offloader.restore_weights(self.device)
         self._correct, self._total = 0, 0
         self.predictions = []
+        # Its own generator: scoring never moves training's, and every scoring draws the same noise.
+        seed = self.spec.model.seed if self.scoring.sampler_seed is None else self.scoring.sampler_seed
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def score_batch(self, batch) -> None:
         """Count the correct top-1 predictions of one batch."""
         images, labels = batch
-        preds = self.predict_logits(images).argmax(dim=-1)
+        preds = self.predict_logits(images, self._generator).argmax(dim=-1)
         self._correct += int((preds == labels).sum())
         self._total += labels.numel()
-        if self.save_predictions:
+        if self.scoring.save_predictions:
             self.predictions.append(torch.stack([labels, preds], dim=1).cpu())
 
     def scored_accuracy(self) -> tuple[float, int]:
@@ -321,11 +270,8 @@ class LitClassifier(
         return correct / max(total, 1), total
 
     def on_validation_epoch_start(self) -> None:
-        self._due_prefixes = [p for p, every in self.eval_schedule.items() if (self.current_epoch + 1) % every == 0]
-        # Scoring must not move training's generators (dblock's sampler draws noise): with or without
-        # evaluation, training sees the same randomness. Seeding makes every evaluation use the same noise.
-        self._training_rng = capture_rng_states()
-        torch.manual_seed(self.hparams.seed)
+        schedule = self.scoring.schedule
+        self._due_prefixes = [p for p, every in schedule.items() if (self.current_epoch + 1) % every == 0]
         self.start_scoring()
 
     def validation_step(self, batch, batch_idx):
@@ -337,7 +283,6 @@ class LitClassifier(
         acc, _ = self.scored_accuracy()
         for prefix in self._due_prefixes:
             self.log_dict({f"{prefix}/acc": acc, f"{prefix}/f1": acc}, sync_dist=False)
-        restore_rng_states(self._training_rng)
 
     def on_test_epoch_start(self) -> None:
         self.start_scoring()

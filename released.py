@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 
 import torch
 
+from config import default_configs
 from errors import UserError
-from vit import ArchConfig
+from flags import ModelType
+from vit import ArchConfig, default_arch
 
 PREFIX = "model."
 CONVERTED = "converted_from_released"  # marks a converted checkpoint: it can be tested, not resumed
 ARCH_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
-# Released program: the architecture is a function of the image size alone.
-RELEASED_ARCH = {32: ArchConfig(), 64: ArchConfig(hidden_size=768, num_attention_heads=12, image_size=64)}
+# Released program: the architecture is a function of the image size alone, the paper's for CIFAR and Tiny-ImageNet.
+RELEASED_ARCH = {arch.image_size: arch for arch in map(default_arch, ("cifar100", "tiny-imagenet"))}
+# Released flags that carry over as they are; an absent one takes LitClassifier's default (the released default too).
+CARRIED_FLAGS = {"seed": int, "gamma": float, "cfg_scale": float, "num_inference_steps": int}
 
 # transformers 4.x ViT layer names -> transformers 5 names (under `vit.encoder.layer.{i}.` / `vit.layers.{i}.`).
 VIT_LAYER_KEYS = {
@@ -124,9 +129,12 @@ def arch_from_shapes(state: dict[str, torch.Tensor]) -> dict[str, int]:
 def released_arch(flags: dict, state: dict[str, torch.Tensor], path: str) -> ArchConfig:
     """The released program's architecture for the checkpoint's image size (and any architecture flags it records),
     checked against the state dict's shapes."""
-    image_size = int(flags.get("image_size", 32))
+    image_size = int(flags.get("image_size", ArchConfig().image_size))
     if image_size not in RELEASED_ARCH:
-        raise UserError(f"checkpoint {path} has image_size {image_size}; the released program only defines 32 and 64 px models")
+        sizes = " and ".join(map(str, RELEASED_ARCH))
+        raise UserError(
+            f"checkpoint {path} has image_size {image_size}; the released program only defines {sizes} px models"
+        )
     recorded = {k: int(flags[k]) for k in ARCH_FLAGS if flags.get(k) is not None}
     arch = dataclasses.replace(RELEASED_ARCH[image_size], **recorded)
     found = arch_from_shapes(state)
@@ -137,30 +145,50 @@ def released_arch(flags: dict, state: dict[str, torch.Tensor], path: str) -> Arc
     return arch
 
 
+def carried_flags(flags: dict, model_type: str) -> dict:
+    """The released flags this program's hyper-parameters keep (dblock's only for dblock), in their types."""
+    names = ("seed",) if model_type == "vit" else tuple(CARRIED_FLAGS)
+    return {name: CARRIED_FLAGS[name](flags[name]) for name in names if flags.get(name) is not None}
+
+
+def released_layout(flags: dict, arch: ArchConfig, path: str) -> tuple[int, ...]:
+    """Layers per block of a released dblock checkpoint: its num_blocks, split evenly as the model splits them."""
+    defaults = default_configs().dblock
+    dcfg = dataclasses.replace(defaults, num_blocks=int(flags.get("num_blocks", defaults.num_blocks)))
+    if arch.num_hidden_layers % dcfg.num_blocks:
+        raise UserError(
+            f"checkpoint {path} has {arch.num_hidden_layers} layers, not divisible by its num_blocks {dcfg.num_blocks}"
+        )
+    return dcfg.layout(arch.num_hidden_layers)
+
+
 def convert_checkpoint(ckpt: dict, path: str) -> dict:
-    """A released Lightning checkpoint as this program's checkpoint: {"state_dict", "hyper_parameters"} for LitClassifier."""
+    """A released Lightning checkpoint as this program's checkpoint: {"state_dict", "hyper_parameters"} for
+    LitClassifier."""
     flags = ckpt.get("hyper_parameters", {})
     model_type = flags.get("model_type")
-    if model_type not in ("vit", "dblock"):
-        raise UserError(f"checkpoint {path} looks like the released program's but its model_type is {model_type!r}: pass a vit or dblock checkpoint")
-    state = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX) and k != f"{PREFIX}sigmas"}
+    if model_type not in typing.get_args(ModelType):
+        raise UserError(
+            f"checkpoint {path} looks like the released program's but its model_type is {model_type!r}: "
+            "pass a vit or dblock checkpoint"
+        )
+    # The sigmas buffer is the released sampler's grid, which this program recomputes.
+    state = {k.removeprefix(PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+    state.pop("sigmas", None)
     try:
         arch = released_arch(flags, state, path)
         num_labels = int(flags.get("num_labels") or state["classifier.weight"].shape[0])
-        hparams = {"model_type": model_type, "arch": arch.to_dict(), "num_labels": num_labels, "seed": int(flags.get("seed", 42))}
+        hparams = {"model_type": model_type, "arch": arch.to_dict(), "num_labels": num_labels}
+        hparams.update(carried_flags(flags, model_type))
         if model_type == "vit":
             converted = vit_state_dict(state)
         else:
-            num_blocks = int(flags.get("num_blocks", 3))
-            if arch.num_hidden_layers % num_blocks:
-                raise UserError(f"checkpoint {path} has {arch.num_hidden_layers} layers, not divisible by its num_blocks {num_blocks}")
-            hparams.update(
-                num_blocks=num_blocks,
-                gamma=float(flags.get("gamma", 0.05)),
-                cfg_scale=float(flags.get("cfg_scale", 0.0)),
-                num_inference_steps=flags.get("num_inference_steps"),
-            )
-            converted = dblock_state_dict(state, [arch.num_hidden_layers // num_blocks] * num_blocks)
+            layout = released_layout(flags, arch, path)
+            hparams["num_blocks"] = len(layout)
+            converted = dblock_state_dict(state, list(layout))
     except KeyError as err:
-        raise UserError(f"checkpoint {path} looks like the released program's but lacks or misnames {err}: it is damaged or from another program") from None
+        raise UserError(
+            f"checkpoint {path} looks like the released program's but lacks or misnames {err}: "
+            "it is damaged or from another program"
+        ) from None
     return {"state_dict": {f"model.{k}": v for k, v in converted.items()}, "hyper_parameters": hparams, CONVERTED: True}

@@ -4,32 +4,26 @@ Only what runs write is read: config.yaml (the resolved train flags), metrics.js
 blocks.json (the layer allocation, when present), the CSV logger's csv/version_N/metrics.csv files,
 the step counter of the newest checkpoint and, for runs logged to W&B, files/wandb-summary.json.
 
-torch and matplotlib are imported inside functions, because main.py imports this module on every start-up.
+torch, matplotlib and the model code are imported inside functions, because main.py imports this module on every
+start-up.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import io
-import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import check_writable, write_output
 from errors import UserError
+from fileio import check_writable, read_mapping, write_output
+from paper import PaperResult, layout_text, paper_results
 
-# vit.ArchConfig's depth, which applies when config.yaml holds num_hidden_layers: null.
-# Not imported from vit.py: that would load transformers just for one number (a test keeps them equal).
-DEFAULT_DEPTH = 12
 UNKNOWN, NOT_APPLICABLE = "?", "-"
-
-# SPEC section 1 (paper, Table 1): top-1 accuracy in % per dataset, as (model type, blocks (layers), accuracy).
-PAPER_TABLE1 = {
-    "cifar100": (("vit", "1 (12)", 60.25), ("dblock", "3 (4,4,4)", 59.30)),
-    "tiny-imagenet": (("vit", "1 (12)", 35.32), ("dblock", "2 (6,6)", 36.16)),
-}
 PAPER_RUN = "paper, Table 1"
 
 TESTED = "tested"
@@ -43,17 +37,20 @@ COLUMNS = (
     "inference steps", "test acc %", "images", "checkpoint scored", "status",
 )
 BLOCK_LOSS = re.compile(r"train/loss_(\d+)")
-ACCURACY_KEYS = ("eval/acc", "val/acc")  # periodic test-split evaluation if the run logged it, else the validation split
+# The periodic test-split evaluation if the run logged it, else the validation split.
+ACCURACY_KEYS = ("eval/acc", "val/acc")
 EVAL_KEYS = ("test/acc", *ACCURACY_KEYS)
 
 
 def report(run_dirs: list[str], *, output: str | None = None, plot: str | None = None) -> list[dict[str, str]]:
-    """One Markdown table row per run folder (configuration, steps, test accuracy, status), with the paper's Table 1 rows.
+    """One Markdown table row per run folder (configuration, steps, test accuracy, status), with the paper's Table 1
+    rows.
 
     Args:
         run_dirs: Run folders written by train, e.g. logs/my-sweep-* (a folder needs config.yaml or metrics.json).
         output: Also write the Markdown table to this file.
-        plot: Write a PNG: test accuracy against epoch (logged eval/acc or val/acc) and each block's training loss against step.
+        plot: Write a PNG: test accuracy against epoch (logged eval/acc or val/acc) and each block's training loss
+            against step.
     """
     if not run_dirs:
         raise UserError("give at least one run folder, e.g. `main.py report logs/*`")
@@ -66,7 +63,8 @@ def report(run_dirs: list[str], *, output: str | None = None, plot: str | None =
     if plot is not None:
         for run in runs:
             if run.logs_to_wandb and not run.history:
-                print(f"note: {run.path} logged to W&B only: {wandb_history_note()}, so its curves are not plotted", file=sys.stderr)
+                note = f"note: {run.path} logged to W&B only: {wandb_history_note()}, so its curves are not plotted"
+                print(note, file=sys.stderr)
         png = render_png(plot_runs(runs))
         write_output(plot, "--plot", lambda f: f.write(png))
     if output is not None:
@@ -114,7 +112,8 @@ class Run:
 
     @property
     def num_blocks(self) -> int:
-        """Blocks trained one per step (1 for the end-to-end baseline); dblock's epochs and max_steps are multiplied by it."""
+        """Blocks trained one per step (1 for the end-to-end baseline); dblock's epochs and max_steps are multiplied by
+        it."""
         sizes = block_sizes(self) if self.is_dblock else None
         return len(sizes) if sizes else 1
 
@@ -126,11 +125,14 @@ def load_run(path: str) -> Run:
         raise UserError(f"run folder {path} does not exist: pass folders under logs/ written by train")
     config_path, metrics_path, blocks_path = folder / "config.yaml", folder / "metrics.json", folder / "blocks.json"
     if not config_path.is_file() and not metrics_path.is_file():
-        raise UserError(f"{path} is not a run folder (it holds neither config.yaml nor metrics.json): pass folders under logs/ written by train")
+        raise UserError(
+            f"{path} is not a run folder (it holds neither config.yaml nor metrics.json): "
+            "pass folders under logs/ written by train"
+        )
     return Run(
         path=folder,
-        config=read_mapping(config_path) if config_path.is_file() else {},
-        metrics=read_mapping(metrics_path) if metrics_path.is_file() else None,
+        config=read_run_file(config_path) if config_path.is_file() else {},
+        metrics=read_run_file(metrics_path) if metrics_path.is_file() else None,
         blocks=read_blocks(blocks_path) if blocks_path.is_file() else None,
         checkpoint=newest_checkpoint(folder),
         history=read_history(folder),
@@ -139,26 +141,19 @@ def load_run(path: str) -> Run:
     )
 
 
-def read_mapping(path: Path) -> dict:
-    """A .json or .yaml file holding one mapping, or a one-line error naming the file."""
-    import yaml
-
-    # JSON by its own parser: PyYAML reads numbers such as 5e-05 (no decimal point) as strings.
-    load = json.loads if path.suffix == ".json" else yaml.safe_load
-    try:
-        value = load(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
-        raise UserError(f"{path} is unreadable or damaged ({type(err).__name__}): restore it or leave its run folder out") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} does not hold a mapping of keys to values: restore it or leave its run folder out")
-    return value
+def read_run_file(path: Path) -> dict:
+    """The mapping in one of the run folder's .json or .yaml files, or a one-line error naming the file."""
+    return read_mapping(path, "restore it or leave its run folder out")
 
 
 def read_blocks(path: Path) -> list[dict]:
     """blocks.json's per-block entries, each with its list of layers."""
-    blocks = read_mapping(path).get("blocks")
-    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) and isinstance(b.get("layers"), list) for b in blocks):
-        raise UserError(f"{path} lacks a non-empty \"blocks\" list whose entries hold \"layers\": restore it or delete it")
+    blocks = read_run_file(path).get("blocks")
+    listed = isinstance(blocks, list) and blocks
+    if not listed or not all(isinstance(b, dict) and isinstance(b.get("layers"), list) for b in blocks):
+        raise UserError(
+            f"{path} lacks a non-empty \"blocks\" list whose entries hold \"layers\": restore it or delete it"
+        )
     return blocks
 
 
@@ -175,7 +170,10 @@ def newest_checkpoint(folder: Path) -> Checkpoint | None:
         ckpt = torch.load(newest, map_location="cpu", weights_only=True, mmap=True)
         step = int(ckpt["global_step"])
     except Exception as err:  # torch raises many types for truncated or foreign files
-        raise UserError(f"checkpoint {newest} is corrupt or not a training checkpoint ({type(err).__name__}): delete it or leave its run folder out") from None
+        raise UserError(
+            f"checkpoint {newest} is corrupt or not a training checkpoint ({type(err).__name__}): "
+            "delete it or leave its run folder out"
+        ) from None
     progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
     processed = progress.get("processed")
     return Checkpoint(newest.name, step, None if processed is None else int(processed))
@@ -194,16 +192,18 @@ def read_history(folder: Path) -> list[dict[str, float]]:
         with open(path, newline="") as f:
             for line, row in enumerate(csv.DictReader(f), start=2):
                 try:
-                    rows.append({key: float(value) for key, value in row.items() if key is not None and value not in (None, "")})
+                    rows.append({k: float(v) for k, v in row.items() if k is not None and v not in (None, "")})
                 except (TypeError, ValueError):
-                    raise UserError(f"{path} line {line} holds a non-numeric value: restore the file or delete that line") from None
+                    raise UserError(
+                        f"{path} line {line} holds a non-numeric value: restore the file or delete that line"
+                    ) from None
     return rows
 
 
 def read_wandb_summary(folder: Path) -> dict | None:
     """The newest W&B run's final numbers (files/wandb-summary.json), if W&B wrote one into the run folder."""
     paths = sorted(folder.glob("wandb/*run-*/files/wandb-summary.json"), key=lambda p: p.stat().st_mtime_ns)
-    return read_mapping(paths[-1]) if paths else None
+    return read_run_file(paths[-1]) if paths else None
 
 
 def wandb_history_note() -> str:
@@ -244,17 +244,18 @@ def steps_done(run: Run) -> int | None:
 
 def finished_training(run: Run) -> bool:
     """Whether the newest checkpoint is the end of the planned training (max_steps or every epoch reached)."""
-    ckpt, cfg = run.checkpoint, run.config
-    if ckpt is None or not cfg:
+    ckpt, max_steps, num_epochs = run.checkpoint, run.config.get("max_steps"), run.config.get("num_epochs")
+    if ckpt is None:
         return False
-    max_steps = cfg.get("max_steps", -1)
-    if max_steps > 0 and ckpt.global_step >= max_steps * run.num_blocks:
+    if max_steps is not None and max_steps > 0 and ckpt.global_step >= max_steps * run.num_blocks:
         return True
-    return ckpt.epochs_processed is not None and ckpt.epochs_processed >= cfg.get("num_epochs", 500) * run.num_blocks
+    done = ckpt.epochs_processed
+    return done is not None and num_epochs is not None and done >= num_epochs * run.num_blocks
 
 
 def status(run: Run) -> str:
-    """How far the run got: tested, trained but not tested, or stopped (or still running) with or without a checkpoint."""
+    """How far the run got: tested, trained but not tested, or stopped (or still running) with or without a
+    checkpoint."""
     if run.metrics is not None:
         return TESTED
     if run.checkpoint is None:
@@ -262,36 +263,58 @@ def status(run: Run) -> str:
     return UNTESTED if finished_training(run) else UNFINISHED
 
 
-def depth(run: Run) -> int | None:
-    """Transformer layers of the run (None in config.yaml means the default)."""
-    if not run.config:
-        return None
-    return run.config.get("num_hidden_layers") or DEFAULT_DEPTH
+@functools.cache
+def flag_defaults() -> dict:
+    """Train's defaults of the flags that an older config.yaml lacks (written before the flag existed)."""
+    from config import default_flags  # imports the models: only once a report needs a default
+
+    return default_flags("train")
+
+
+def flag(config: dict, name: str):
+    """A train flag of the run: its value in config.yaml, else train's default of it."""
+    return config[name] if name in config else flag_defaults()[name]
+
+
+def depth(config: dict) -> int:
+    """Transformer layers of the run (None in config.yaml means the dataset's default architecture)."""
+    from vit import default_arch
+
+    return config.get("num_hidden_layers") or default_arch(config.get("data")).num_hidden_layers
+
+
+def configured_layout(run: Run) -> tuple[int, ...]:
+    """dblock's layers per block by config.yaml's flags, split by the model's own rules (DBlockConfig)."""
+    from config import default_configs
+    from dblock import parse_layers_per_block, resolve_num_blocks
+
+    cfg = run.config
+    try:
+        layout = parse_layers_per_block(flag(cfg, "layers_per_block"))
+        num_blocks = resolve_num_blocks(cfg.get("num_blocks"), layout)
+        dcfg = dataclasses.replace(default_configs().dblock, num_blocks=num_blocks, layers_per_block=layout)
+        dcfg.validate(depth(cfg))
+    except UserError as err:
+        raise UserError(f"{run.path / 'config.yaml'}: {err}") from None
+    return dcfg.layout(depth(cfg))
 
 
 def block_sizes(run: Run) -> list[int] | None:
-    """Layers per block: blocks.json, else --layers_per_block, else an even split (None when the folder does not say)."""
+    """Layers per block: blocks.json (the model's block table), else config.yaml's flags (None when the folder does not
+    say)."""
     if run.blocks is not None:
         return [len(b["layers"]) for b in run.blocks]
     if not run.config:
         return None
     if not run.is_dblock:
-        return [depth(run)]  # the end-to-end baseline is one block of every layer
-    if run.config.get("layers_per_block"):
-        try:
-            return [int(n) for n in str(run.config["layers_per_block"]).split(",")]
-        except ValueError:
-            raise UserError(f"{run.path / 'config.yaml'}: layers_per_block {run.config['layers_per_block']!r} is not a comma-separated list of integers") from None
-    num_blocks, layers = run.config.get("num_blocks") or 3, depth(run)
-    return [layers // num_blocks] * num_blocks if layers % num_blocks == 0 else None
+        return [depth(run.config)]  # the end-to-end baseline is one block of every layer
+    return list(configured_layout(run))
 
 
 def allocation(run: Run) -> str:
     """Blocks and layers per block, e.g. `3 (4,4,4)`."""
     sizes = block_sizes(run)
-    if sizes is None:
-        return UNKNOWN
-    return f"{len(sizes)} ({','.join(str(n) for n in sizes)})"
+    return UNKNOWN if sizes is None else layout_text(sizes)
 
 
 def scored_checkpoint(run: Run) -> str:
@@ -322,10 +345,10 @@ def run_row(run: Run) -> dict[str, str]:
         "model": run.model_type or UNKNOWN,
         "data": cfg.get("data", UNKNOWN),
         "blocks (layers)": allocation(run),
-        "partition": dblock_only(lambda: cfg.get("partition", "equiprob")),
-        "gamma": dblock_only(lambda: f"{cfg.get('gamma', 0.05):g}"),
-        "augment": configured(lambda: cfg.get("augment", "released") + ("+RandAugment" if cfg.get("add_rand_aug") else "")),
-        "epochs (planned)": configured(lambda: str(cfg.get("num_epochs", 500) * run.num_blocks)),
+        "partition": dblock_only(lambda: flag(cfg, "partition")),
+        "gamma": dblock_only(lambda: f"{flag(cfg, 'gamma'):g}"),
+        "augment": configured(lambda: flag(cfg, "augment") + ("+RandAugment" if cfg.get("add_rand_aug") else "")),
+        "epochs (planned)": configured(lambda: planned_epochs(run)),
         "steps (done)": UNKNOWN if steps is None else str(steps),
         "inference steps": dblock_only(lambda: str(inference)),
         "test acc %": NOT_APPLICABLE if acc is None else f"{100 * acc:.2f}",
@@ -335,15 +358,26 @@ def run_row(run: Run) -> dict[str, str]:
     }
 
 
-def paper_rows(runs: list[Run]) -> list[dict[str, str]]:
+def planned_epochs(run: Run) -> str:
+    """Epochs train plans: --num_epochs, times B for dblock."""
+    num_epochs = run.config.get("num_epochs")
+    return UNKNOWN if num_epochs is None else str(num_epochs * run.num_blocks)
+
+
+def paper_references(runs: list[Run]) -> list[PaperResult]:
     """The paper's Table 1 rows for every dataset among the runs that the paper reports."""
     datasets = dict.fromkeys(run.config.get("data") for run in runs)  # first-appearance order, no repeats
+    return [result for data in datasets for result in paper_results(data)]
+
+
+def paper_rows(runs: list[Run]) -> list[dict[str, str]]:
+    """The paper's rows of the table."""
     rows = []
-    for data in datasets:
-        for model, blocks, acc in PAPER_TABLE1.get(data, ()):
-            row = dict.fromkeys(COLUMNS, "")
-            row.update({"run": PAPER_RUN, "model": model, "data": data, "blocks (layers)": blocks, "test acc %": f"{acc:.2f}", "status": PAPER})
-            rows.append(row)
+    for result in paper_references(runs):
+        row = dict.fromkeys(COLUMNS, "")
+        row.update(run=PAPER_RUN, model=result.model_type, data=result.data, status=PAPER)
+        row.update({"blocks (layers)": layout_text(result.layout()), "test acc %": f"{result.accuracy:.2f}"})
+        rows.append(row)
     return rows
 
 
@@ -384,11 +418,15 @@ def loss_curves(rows: list[dict[str, float]]) -> dict[str, tuple[list[float], li
         xs, ys = series(rows, "step", "train/loss")
         return {"": (xs, ys)} if xs else {}
     # Lightning repeats a block's last loss on later rows until the epoch ends: keep only the steps that trained it.
-    return {f"block {b}": series([r for r in rows if r.get("train/block", b) == b], "step", f"train/loss_{b}") for b in blocks}
+    return {
+        f"block {b}": series([r for r in rows if r.get("train/block", b) == b], "step", f"train/loss_{b}")
+        for b in blocks
+    }
 
 
 def plot_runs(runs: list[Run]):
-    """Figure with test accuracy against epoch (left, the paper's numbers dashed) and training losses against step (right)."""
+    """Figure with test accuracy against epoch (left, the paper's numbers dashed) and training losses against step
+    (right)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg renders the PNG
 
     fig = Figure(figsize=(13, 5), layout="constrained")
@@ -402,9 +440,9 @@ def plot_runs(runs: list[Run]):
             ax_loss.plot(steps, losses, marker="o" if len(steps) == 1 else None, label=f"{run.name} {block}".strip())
     if not ax_acc.get_lines():
         ax_acc.text(0.5, 0.95, "no eval/acc or val/acc logged", ha="center", va="top", transform=ax_acc.transAxes)
-    references = [(data, *ref) for data in dict.fromkeys(run.config.get("data") for run in runs) for ref in PAPER_TABLE1.get(data, ())]
-    for (data, model, blocks, acc), style in zip(references, ("--", ":", "-.", (0, (5, 5)))):
-        ax_acc.axhline(acc, linestyle=style, linewidth=1.2, color="gray", label=f"paper {data} {model} {blocks}")
+    for ref, style in zip(paper_references(runs), ("--", ":", "-.", (0, (5, 5)))):
+        label = f"paper {ref.data} {ref.model_type} {layout_text(ref.layout())}"
+        ax_acc.axhline(ref.accuracy, linestyle=style, linewidth=1.2, color="gray", label=label)
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Accuracy during training")
     ax_loss.set(xlabel="optimizer step", ylabel="training loss", title="Training loss (per block for dblock)")
     if ax_loss.get_lines():

@@ -58,6 +58,7 @@ class ArchConfig:
 DATASET_ARCH: dict[str, dict] = {
     "cifar10": {},
     "cifar100": {},
+    "digits": {"image_size": 16},
     "imagefolder": {},
     "tiny-imagenet": {"hidden_size": 768, "num_attention_heads": 12, "image_size": 64},
 }

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import main
+from block_trace import BLOCK_TRACE_ENV
 
 TINY_ARCH = [
     "--hidden_size", "24", "--num_hidden_layers", "6", "--num_attention_heads", "2",
@@ -35,8 +36,6 @@ def train_args(data_dir: Path, run_name: str, *extra: str, data: str = "cifar100
 
 def traced_training(args: list[str], trace_dir: Path, monkeypatch, capsys) -> list[dict]:
     """Train through the CLI with the block trace on; returns rank 0's per-step records (block, blocks_with_grad, ...)."""
-    from module import BLOCK_TRACE_ENV
-
     trace_dir.mkdir()
     monkeypatch.setenv(BLOCK_TRACE_ENV, str(trace_dir))
     code, _, err = run_cli(args, capsys)

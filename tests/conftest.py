@@ -16,6 +16,13 @@ OFFLINE_ENV = {
 }
 
 
+def pytest_configure(config):
+    """Training runs attach the tests' block trace when BLOCK_TRACE_ENV is set (tests/block_trace.py)."""
+    import block_trace
+
+    block_trace.install()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_compute_thread():
     """In-process training runs on one thread too (subprocesses get OMP_NUM_THREADS)."""

@@ -49,7 +49,9 @@ def git_blob_sha(content: bytes) -> str:
 class HubError(Exception):
     """An HTTP error reply: status, X-Error-Code header (or None), message, extra headers and extra JSON fields."""
 
-    def __init__(self, status: int, code: str | None, message: str, headers: dict | None = None, fields: dict | None = None):
+    def __init__(
+        self, status: int, code: str | None, message: str, headers: dict | None = None, fields: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = {"X-Error-Message": message, **({"X-Error-Code": code} if code else {}), **(headers or {})}
@@ -67,7 +69,8 @@ class Repo:
     def add_commit(self, parent: str | None, files: dict[str, bytes], summary: str) -> str:
         """Record a commit on main holding the parent's files plus `files`; returns its sha."""
         tree = {**(self.commits[parent] if parent else {}), **files}
-        digest = hashlib.sha1(json.dumps([parent, summary, sorted((p, git_blob_sha(c)) for p, c in tree.items())]).encode())
+        blobs = sorted((p, git_blob_sha(c)) for p, c in tree.items())
+        digest = hashlib.sha1(json.dumps([parent, summary, blobs]).encode())
         sha = digest.hexdigest()
         self.commits[sha] = tree
         self.branches["main"] = sha
@@ -129,7 +132,8 @@ class FakeHub:
             # The client reads the URL from this reply too (create_repo with exist_ok).
             raise HubError(409, None, "You already created this model repo", fields={"url": f"{self.url}/{repo_id}"})
         repo = self.repos[repo_id] = Repo(private=payload.get("visibility") == "private")
-        repo.add_commit(None, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "initial commit")
+        attributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+        repo.add_commit(None, {".gitattributes": attributes}, "initial commit")
         return reply_json({"url": f"{self.url}/{repo_id}", "name": repo_id})
 
     def validate_yaml(self, body: bytes, **_) -> tuple[int, dict, bytes]:
@@ -175,7 +179,9 @@ class FakeHub:
         content = target.commits[sha].get(path)
         if content is None:  # the client caches the absence per commit, so it needs the commit too
             raise HubError(404, "EntryNotFound", f"{path} does not exist at {rev}", {"X-Repo-Commit": sha})
-        headers = {"ETag": f'"{git_blob_sha(content)}"', "X-Repo-Commit": sha, "Content-Type": "application/octet-stream"}
+        headers = {
+            "ETag": f'"{git_blob_sha(content)}"', "X-Repo-Commit": sha, "Content-Type": "application/octet-stream"
+        }
         return 200, headers, content
 
 

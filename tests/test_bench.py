@@ -144,3 +144,36 @@ def test_bad_input_fails_in_one_line_before_measuring(args, fragment):
 def test_gpu_without_cuda_is_a_user_error():
     code, _, err = run_bench([*ARCH_FLAGS, *FAST, "--accelerator", "gpu"])
     assert code == 2 and "--accelerator gpu" in err
+
+
+def test_bench_steps_the_training_module(monkeypatch):
+    """Every variant is stepped through LitClassifier's own block activation and loss and the recipe's AdamW."""
+    import module
+
+    losses, optimizers = [], []
+    real_loss, real_optimizer = module.LitClassifier.block_loss, module.build_optimizer
+
+    def block_loss(self, *args):
+        losses.append(self.hparams.model_type)
+        return real_loss(self, *args)
+
+    def build_optimizer(*args):
+        optimizers.append(real_optimizer(*args))
+        return optimizers[-1]
+
+    monkeypatch.setattr(module.LitClassifier, "block_loss", block_loss)
+    monkeypatch.setattr(module, "build_optimizer", build_optimizer)
+    code, _, err = run_bench([*ARCH_FLAGS, *FAST, "--warmup_steps", "0"])
+    assert code == 0, err
+    assert len(optimizers) == len(bench.VARIANTS)
+    assert all(o.defaults["lr"] == main_default("lr") and o.defaults["weight_decay"] == main_default("weight_decay")
+               for o in optimizers)
+    # vit: memory + timed step; dblock: one step per block to warm up, one measured per block, one timed
+    assert losses.count("vit") == 3 and losses.count("dblock") == 3 * (2 * NUM_BLOCKS + 1)
+
+
+def main_default(flag: str):
+    """train's default of a flag."""
+    from config import default_flags
+
+    return default_flags()[flag]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cli_helpers import FAST, TINY_ARCH, cifar_dir, read_metrics, run_cli, train_args  # noqa: F401 (fixture)
-from module import BLOCK_TRACE_ENV
+from block_trace import BLOCK_TRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
@@ -68,14 +68,14 @@ def test_batch_job_prints_one_line_progress(cifar_dir, capsys):
 def test_non_finite_loss_stops_with_step_block_and_last_good_checkpoint(cifar_dir, capsys, monkeypatch):
     import dblock
 
-    real, calls = dblock.training_loss, []
+    real, calls = dblock.reduce_loss, []
 
     def poisoned(*args, **kwargs):
-        loss, *rest = real(*args, **kwargs)
+        loss = real(*args, **kwargs)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == 6 else loss, *rest)
+        return loss * float("nan") if len(calls) == 6 else loss
 
-    monkeypatch.setattr(dblock, "training_loss", poisoned)
+    monkeypatch.setattr(dblock, "reduce_loss", poisoned)
     code, _, err = run_cli(train_args(cifar_dir, "nan", "--save_every_n_epochs", "1", model_type="dblock", steps=4), capsys)
     assert code == 2 and "Traceback" not in err
     # Training had started, so Lightning's own notices may precede it; the error itself is one last line.
@@ -173,7 +173,7 @@ def test_ddp_two_cpu_processes_train_the_same_block_with_their_own_noise(tmp_pat
     trace = tmp_path / "trace"
     trace.mkdir()
     env = {**os.environ, BLOCK_TRACE_ENV: str(trace), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(REPO / "main.py"), *train_args(cifar_dir, "ddp", "--devices", "2", model_type="dblock", steps=2)]
+    cmd = [sys.executable, str(REPO / "tests" / "traced_main.py"), *train_args(cifar_dir, "ddp", "--devices", "2", model_type="dblock", steps=2)]
     proc = subprocess.run([str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [[json.loads(line) for line in (trace / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
@@ -191,12 +191,12 @@ def test_gradients_are_cleared_before_each_forward(cifar_dir, capsys, monkeypatc
     """The previous step's gradients are freed before the next forward (less peak memory, safe weight offload)."""
     import dblock
 
-    real, stale = dblock.training_loss, []
+    real, stale = dblock.block_losses, []
 
     def watching(model, *args, **kwargs):
         stale.append(any(p.grad is not None for p in model.parameters()))
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(dblock, "training_loss", watching)
+    monkeypatch.setattr(dblock, "block_losses", watching)
     assert run_cli(train_args(cifar_dir, "grads", "--offload_weights", "true", model_type="dblock", steps=2), capsys)[0] == 0
     assert len(stale) == 6 and not any(stale)

@@ -93,7 +93,7 @@ def test_test_stage_loads_only_the_test_split(tmp_path):
     assert dm.train_set is None and len(dm.test_set) == 3
 
 
-CIFAR_LIKE = ["cifar10", "cifar100", "imagefolder"]
+CIFAR_LIKE = ["cifar10", "cifar100", "digits", "imagefolder"]
 T = transforms
 
 
@@ -221,7 +221,7 @@ def test_validation_split_of_tiny_imagenet_is_its_test_split(tmp_path):
     assert [type(t) for t in tiny.train_set.transform.transforms][:2] == [T.Resize, T.CenterCrop]  # --augment none
 
 
-@pytest.mark.parametrize("name", ["cifar100", "tiny-imagenet", "imagefolder"])
+@pytest.mark.parametrize("name", ["cifar100", "tiny-imagenet", "digits", "imagefolder"])
 def test_datasets_with_transforms_pickle(tmp_path, name):
     write_cifar(tmp_path, n_train=4, n_test=2)
     write_tiny_imagenet(tmp_path)
@@ -339,6 +339,47 @@ def test_imagefolder_class_without_images(tmp_path):
         ImageDataModule("imagefolder", str(tmp_path), num_workers=0).setup("test")
 
 
+# sha256 (first 16 hex digits) of each split's uint8 images and int64 labels, and its images per class: measured on
+# the class-folder tree that tools/digits_imagefolder.py (since removed) wrote for docs/independent-blocks.md, read
+# by ImageFolder at --image_size 16. Equal hashes mean the same pixels in the same order, so the documented runs
+# stay reproducible.
+DIGITS_SPLITS = {
+    "train": ("42fd5d45977f67cc", "e4287814530d54e3", [131, 131, 128, 126, 133, 130, 134, 127, 121, 136]),
+    "test": ("79b81f88c63ada91", "3b3aee69149adb11", [47, 51, 49, 57, 48, 52, 47, 52, 53, 44]),
+}
+
+
+def short_sha(array: np.ndarray) -> str:
+    return hashlib.sha256(array.tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("split", sorted(DIGITS_SPLITS))
+def test_digits_splits_are_the_documented_images(split):
+    images, labels = data.load_digits_split(split)
+    image_hash, label_hash, per_class = DIGITS_SPLITS[split]
+    assert images.shape == (sum(per_class), 16, 16, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == per_class
+    assert (short_sha(images), short_sha(labels)) == (image_hash, label_hash)
+    assert (images.min(), images.max()) == (0, 255)
+    assert (images == images[..., :1]).all(), "grey: the three channels are equal"
+    blocks = images[..., 0].reshape(-1, 8, 2, 8, 2)
+    assert (blocks == blocks[:, :, :1, :, :1]).all(), "each scan pixel becomes a 2x2 block"
+
+
+def test_digits_data_module_ignores_data_dir_and_seed(tmp_path):
+    modules = [ready(ImageDataModule("digits", str(tmp_path / "absent"), batch_size=32, num_workers=0, seed=seed))
+               for seed in (1, 2)]
+    for dm in modules:
+        assert dm.info == DatasetInfo(10, 16, 3) and not dm.has_validation_split
+        assert (len(dm.train_set), len(dm.test_set)) == (1297, 500)
+        x, y = dm.test_set[0]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= y < 10
+    assert not (tmp_path / "absent").exists(), "nothing is downloaded or written"
+    first, second = (torch.cat([x for x, _ in dm.test_dataloader()]) for dm in modules)
+    assert torch.equal(first, second), "the test split does not depend on --seed"
+    assert batch_sizes(modules[0].train_dataloader()) == [32] * 40
+
+
 def test_tiny_imagenet_labels_follow_sorted_wnids_and_annotations(tmp_path):
     wnids = ("n09999999", "n01443537", "n05555555")
     write_tiny_imagenet(tmp_path, n_per_class=2, wnids=wnids, size=64)
@@ -372,16 +413,25 @@ def test_dataset_info_values(tmp_path):
     assert dataset_info("cifar100", "nowhere") == DatasetInfo(100, 32, 3)
     assert dataset_info("tiny-imagenet", "nowhere") == DatasetInfo(200, 64, 3)
     assert dataset_info("imagefolder", str(tmp_path)) == DatasetInfo(5, 32, 3)
+    assert dataset_info("digits", "nowhere") == DatasetInfo(10, 16, 3)
     assert dataset_info("cifar100", "nowhere", image_size=64) == DatasetInfo(100, 64, 3)
     assert dataset_info("tiny-imagenet", "nowhere", image_size=32).image_size == 32
     with pytest.raises(UserError, match="image size"):
         dataset_info("cifar10", "nowhere", image_size=0)
 
 
+def test_every_dataset_default_architecture_reads_its_native_image_size(tmp_path):
+    from vit import default_arch
+
+    write_imagefolder(tmp_path)
+    for name in data.DATASETS:
+        assert default_arch(name).image_size == dataset_info(name, str(tmp_path)).image_size, name
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"data": "mnist"}, "cifar10, cifar100, tiny-imagenet, imagefolder"),
+        ({"data": "mnist"}, "cifar10, cifar100, tiny-imagenet, digits, imagefolder"),
         ({"data": "cifar10", "batch_size": 0}, "batch_size"),
         ({"data": "cifar10", "eval_batch_size": 0}, "eval_batch_size"),
         ({"data": "cifar10", "num_workers": -1}, "num_workers"),

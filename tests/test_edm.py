@@ -82,18 +82,37 @@ def test_grid_sigma_on_a_boundary_goes_to_the_lower_noise_block_as_released():
 
 
 def test_uniform_partition_is_equal_in_log_sigma():
+    # 0.002 * 40000**(k / 4): each boundary sqrt(200) = 14.1421356... times the one below.
+    want = [0.002, 0.028284271247461905, 0.4, 5.656854249492381, 80.0]
     bounds = edm.uniform_boundaries(4)
-    step = (math.log(80.0) - math.log(0.002)) / 4
-    want = [0.002 * math.exp(step * i) for i in range(5)]  # 0.002, 0.02828, 0.4, 5.657, 80
     assert bounds == pytest.approx(want, rel=1e-12)
-    assert bounds[2] == pytest.approx(0.4, rel=1e-12) and bounds[0] == 0.002 and bounds[-1] == 80.0
+    assert bounds[0] == 0.002 and bounds[-1] == 80.0
     assert edm.partition_boundaries("uniform", 4) == bounds
     assert edm.partition_boundaries("equiprob", 4) == edm.block_boundaries(4)
 
 
+# EDM preconditioning at sigma_data 0.5, by hand: at sigma = 0.5, sigma^2 + sigma_data^2 = 1/2; at sigma = 2, 17/4.
+HAND_SCALINGS = {  # sigma: (c_skip, c_out, c_in, c_noise)
+    0.5: (0.5, 0.25 / math.sqrt(0.5), math.sqrt(2.0), math.log(0.5) / 4),  # 0.5, 0.353553, 1.414214, -0.173287
+    2.0: (1 / 17, 2 / math.sqrt(17), 2 / math.sqrt(17), math.log(2.0) / 4),  # 0.058824, 0.485071, 0.485071, 0.173287
+}
+
+
+@pytest.mark.parametrize("sigma", sorted(HAND_SCALINGS))
+def test_scalings_match_hand_values(sigma):
+    got = edm.scalings(torch.tensor([sigma], dtype=torch.float64))
+    assert len(got) == 4
+    for name, value, want in zip(("c_skip", "c_out", "c_in", "c_noise"), got, HAND_SCALINGS[sigma], strict=True):
+        assert value.item() == pytest.approx(want, rel=1e-12), name
+    # sigma_data is passed through: c_skip = 1 / (sigma^2 + 1) at sigma_data 1.
+    c_skip_at_1 = edm.scalings(torch.tensor([sigma], dtype=torch.float64), 1.0)[0].item()
+    assert c_skip_at_1 == pytest.approx({0.5: 0.8, 2.0: 0.2}[sigma])
+
+
 def test_preconditioning_limits_and_identities():
     sigma = torch.logspace(-3, 2, 50, dtype=torch.float64)
-    sd = edm.SIGMA_DATA
+    sd = edm.EDMConfig().sigma_data
+    assert sd == 0.5  # SPEC: sigma_data = 0.5
     assert torch.allclose(edm.c_in(sigma) * torch.sqrt(sigma**2 + sd**2), torch.ones_like(sigma))
     assert torch.allclose(edm.loss_weight(sigma), 1 / edm.c_out(sigma) ** 2)
     assert torch.allclose(edm.loss_weight(sigma), 4 + 1 / sigma**2)

@@ -26,11 +26,12 @@ ARCH_FLAGS = {k: META["arch"][k] for k in released.ARCH_FLAGS}
 
 
 def released_ckpt(weights: str, model_type: str) -> dict:
-    """A checkpoint as the released program writes it: `model.`-prefixed state dict, argparse flags as hyper-parameters."""
+    """A checkpoint as the released program writes it: `model.`-prefixed state dict, argparse flags as hparams."""
     state = {f"model.{k}": v for k, v in load_file(GOLDEN / weights).items()}
     if model_type == "dblock":
         state["model.sigmas"] = torch.tensor(META["cases"]["sampler.n3.cfg0.0"]["sigmas"])
-    flags = {"model_type": model_type, "image_size": 32, "num_labels": META["num_labels"], "num_blocks": META["num_blocks"], **ARCH_FLAGS}
+    flags = {"model_type": model_type, "image_size": 32, "num_labels": META["num_labels"],
+             "num_blocks": META["num_blocks"], **ARCH_FLAGS}
     return {"state_dict": state, "hyper_parameters": flags}
 
 
@@ -53,7 +54,8 @@ def test_golden_conversion_keeps_every_tensor_and_the_released_architecture(gold
     assert sum(p.numel() for p in golden_dblock.parameters()) == sum(v.numel() for v in weights.values())
     assert [len(b) for b in golden_dblock.blocks] == [2, 2, 2]
     # Layer i of the released model is layer i % 2 of block i // 2.
-    assert torch.equal(golden_dblock.blocks[1][1].ada.weight, weights["vit.encoder.layer.3.adaLN_modulation.linear.weight"])
+    released_layer_3 = weights["vit.encoder.layer.3.adaLN_modulation.linear.weight"]
+    assert torch.equal(golden_dblock.blocks[1][1].ada.weight, released_layer_3)
     assert golden_dblock.boundaries == pytest.approx(META["block_sigmas"], rel=1e-9)
 
 

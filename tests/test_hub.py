@@ -19,15 +19,19 @@ from cli_helpers import assert_one_line_error, read_metrics, run_cli, train_args
 from conftest import OFFLINE_ENV
 from fake_hub import FakeHub
 from synthetic import write_cifar
+from test_report import parse_table
 
 MODEL_TYPES = ("vit", "dblock")
+# The dblock run: a non-default switch for the card, and an uneven block layout of 12 layers.
+DBLOCK_FLAGS = ["--batch_mean_loss_weight", "false", "--num_hidden_layers", "12", "--layers_per_block", "6,4,2"]
 PUSHED_FILES = {".gitattributes", "README.md", "config.json", "model.safetensors", "config.yaml", "metrics.json"}
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A folder with a synthetic CIFAR-100 in data/ and one tiny run per model type in logs/<model_type>/, trained once."""
+    """A folder with a synthetic CIFAR-100 in data/ and one tiny run per model type in logs/<model_type>/, trained
+    once."""
     root = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
         for key, value in OFFLINE_ENV.items():
@@ -35,7 +39,7 @@ def trained(tmp_path_factory) -> Path:
         mp.chdir(root)
         data = write_cifar(root / "data", "cifar100", n_train=32, n_test=12)
         for model_type in MODEL_TYPES:
-            extra = ["--batch_mean_loss_weight", "false"] if model_type == "dblock" else []  # a non-default switch for the card
+            extra = DBLOCK_FLAGS if model_type == "dblock" else []
             assert main.main([str(a) for a in train_args(data, model_type, *extra, model_type=model_type)]) == 0
     return root
 
@@ -56,7 +60,8 @@ def fake_hub():
 
 
 def use_hub_environment(monkeypatch, **env: str | None) -> None:
-    """Set (or, with None, unset) HF_* variables, and the huggingface_hub constants a fresh import would derive from them.
+    """Set (or, with None, unset) HF_* variables, and the huggingface_hub constants a fresh import would derive from
+    them.
 
     huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE ... once, at import; a new process (the CLI) gets
     them from the environment, so here they are recomputed by executing the constants module again.
@@ -80,14 +85,16 @@ def use_hub_environment(monkeypatch, **env: str | None) -> None:
 def hub_env(monkeypatch, tmp_path, fake_hub) -> FakeHub:
     """The Hub client pointed at the fake Hub, online, with an empty cache of its own and a valid token."""
     use_hub_environment(
-        monkeypatch, HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_TOKEN=fake_hub.token, HF_HUB_OFFLINE=None
+        monkeypatch, HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_TOKEN=fake_hub.token,
+        HF_HUB_OFFLINE=None,
     )
     return fake_hub
 
 
 def run_test(ckpt_path, data_dir: Path, capsys) -> tuple[int, str, str]:
     """`main.py test cifar100 --ckpt_path ...` on the synthetic data."""
-    return run_cli(["test", "cifar100", "--ckpt_path", ckpt_path, "--data_dir", data_dir, "--num_workers", "0", "--accelerator", "cpu"], capsys)
+    args = ["--ckpt_path", ckpt_path, "--data_dir", data_dir, "--num_workers", "0", "--accelerator", "cpu"]
+    return run_cli(["test", "cifar100", *args], capsys)
 
 
 def repo_files(hub: FakeHub, repo_id: str) -> dict[str, bytes]:
@@ -105,7 +112,8 @@ def logits_on_test_split(module, data_dir: Path) -> torch.Tensor:
     """The module's logits on the synthetic test split (the dblock sampler's noise seeded alike for every module)."""
     from data import ImageDataModule
 
-    dm = ImageDataModule("cifar100", data_dir=data_dir, batch_size=12, num_workers=0, image_size=module.hparams.arch["image_size"])
+    image_size = module.hparams.arch["image_size"]
+    dm = ImageDataModule("cifar100", data_dir=data_dir, batch_size=12, num_workers=0, image_size=image_size)
     dm.setup("test")
     images = torch.cat([x for x, _ in dm.test_dataloader()])
     torch.manual_seed(0)
@@ -128,7 +136,8 @@ def test_pushed_model_scores_exactly_like_its_run(workdir, trained, hub_env, cap
     assert code == 0, err
     assert f"--ckpt_path hf://me/{model_type}" in out
     dblock_files = {"blocks.json"} if model_type == "dblock" else set()  # train writes it for dblock runs
-    assert set(repo_files(hub_env, f"me/{model_type}")) == PUSHED_FILES | dblock_files  # no .ckpt without --include_checkpoint
+    # No .ckpt without --include_checkpoint.
+    assert set(repo_files(hub_env, f"me/{model_type}")) == PUSHED_FILES | dblock_files
 
     code, _, err = run_test(f"hf://me/{model_type}", data, capsys)
     assert code == 0, err
@@ -169,10 +178,13 @@ def test_private_repository_needs_the_token(workdir, trained, hub_env, monkeypat
 
 # ---- the model folder ----------------------------------------------------------------------------
 def test_dry_run_writes_a_complete_model_folder(workdir, trained, fake_hub, monkeypatch, capsys):
-    use_hub_environment(monkeypatch, HF_ENDPOINT=fake_hub.url, HF_HOME=str(workdir / "hf-home"), HF_TOKEN=None, HF_HUB_OFFLINE=None)
+    use_hub_environment(
+        monkeypatch, HF_ENDPOINT=fake_hub.url, HF_HOME=str(workdir / "hf-home"), HF_TOKEN=None, HF_HUB_OFFLINE=None
+    )
     run = Path("logs/dblock")
     (run / "blocks.json").write_text('{"blocks": "per-block record"}')
-    metrics = {**read_metrics(run / "metrics.json"), "test/acc": 5 / 12}  # the tiny run scores 0; the card must carry any value
+    # The tiny run scores 0; the card must carry any value.
+    metrics = {**read_metrics(run / "metrics.json"), "test/acc": 5 / 12}
     (run / "metrics.json").write_text(json.dumps(metrics))
     code, out, err = run_cli(["push", run, "--repo_id", "me/db", "--dry_run", "out", "--include_checkpoint"], capsys)
     assert code == 0, err  # no token needed: nothing is uploaded
@@ -192,7 +204,8 @@ def test_dry_run_writes_a_complete_model_folder(workdir, trained, fake_hub, monk
     assert card.data.license == "apache-2.0" and card.data.library_name == "pytorch"
     assert card.data.datasets == ["uoft-cs/cifar100"] and "diffusionblocks" in card.data.tags
     (result,) = card.data.eval_results
-    assert (result.metric_type, result.metric_value, result.dataset_type) == ("accuracy", metrics["test/acc"], "uoft-cs/cifar100")
+    measured = (result.metric_type, result.metric_value, result.dataset_type)
+    assert measured == ("accuracy", metrics["test/acc"], "uoft-cs/cifar100")
     assert "| this model | 41.67 |" in card.text
     assert "| paper: ViT + DiffusionBlocks, B = 3 | 59.30 |" in card.text
     assert "uv run main.py test cifar100 --ckpt_path hf://me/db" in card.text
@@ -204,6 +217,53 @@ def test_dry_run_writes_a_complete_model_folder(workdir, trained, fake_hub, monk
     assert code == 0, err
     assert "--batch_mean_loss_weight false" in command
     assert yaml.safe_load(printed) == yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_uneven_block_layout_on_the_card_and_in_the_report(workdir, capsys):
+    """--layers_per_block 6,4,2: the card and the report describe the layout the model has, not an even split."""
+    assert run_cli(["push", "logs/dblock", "--repo_id", "me/db", "--dry_run", "out"], capsys)[0] == 0
+    card = ModelCard.load("out/README.md")
+    assert "| layers / hidden size / heads / MLP width | 12 / 24 / 2 / 48 |" in card.text
+    assert "| blocks B (layers per block) | 3 (6,4,2) |" in card.text
+    assert "its 12 transformer layers are split into 3 blocks of 6, 4, 2 layers (block 0 first)" in card.text
+    assert "architecture or block layout differs from the paper's" in card.text
+    for source in ("blocks.json", "config.yaml"):  # the model's block table, then (without it) the run's flags
+        code, out, err = run_cli(["report", "logs/dblock"], capsys)
+        assert code == 0, err
+        assert parse_table(out)[0]["blocks (layers)"] == "3 (6,4,2)", source
+        Path("logs/dblock/blocks.json").unlink(missing_ok=True)
+
+
+def test_card_compares_with_the_paper_only_for_the_papers_model():
+    from hub.card import paper_comparison
+    from vit import default_arch
+
+    dblock = {"model_type": "dblock", "arch": default_arch("cifar100").to_dict()}
+    paper, row, note = paper_comparison("cifar100", dblock, [4, 4, 4])
+    assert (paper, row) == (59.30, "ViT + DiffusionBlocks, B = 3") and note.startswith("Same architecture")
+    paper, row, note = paper_comparison("cifar100", dblock, [6, 4, 2])  # same depth and B, another layout
+    assert (paper, row) == (59.30, "ViT + DiffusionBlocks, B = 3") and "not directly comparable" in note
+    vit = {"model_type": "vit", "arch": default_arch("tiny-imagenet").to_dict()}
+    paper, row, note = paper_comparison("tiny-imagenet", vit, [12])
+    assert (paper, row) == (35.32, "ViT, end-to-end") and note.startswith("Same architecture")
+    paper, _, note = paper_comparison("cifar10", dblock, [4, 4, 4])
+    assert paper is None and note == "The paper reports no dblock result on this dataset."
+
+
+def test_card_and_report_read_the_one_paper_table(monkeypatch):
+    import paper
+    import report
+    from hub.card import paper_comparison
+    from vit import default_arch
+
+    monkeypatch.setattr(paper, "PAPER_TABLE1", (paper.PaperResult("cifar100", "dblock", 2, 12.34),))
+    run = report.Run(path=Path("run"), config={"data": "cifar100"}, metrics=None, blocks=None, checkpoint=None,
+                     history=[], wandb_summary=None, logs_to_wandb=False)
+    (row,) = report.paper_rows([run])
+    assert (row["model"], row["blocks (layers)"], row["test acc %"]) == ("dblock", "2 (6,6)", "12.34")
+    dblock = {"model_type": "dblock", "arch": default_arch("cifar100").to_dict()}
+    paper_acc, paper_row, note = paper_comparison("cifar100", dblock, [6, 6])
+    assert (paper_acc, paper_row) == (12.34, "ViT + DiffusionBlocks, B = 2") and note.startswith("Same architecture")
 
 
 def test_dry_run_folder_tests_like_its_run(workdir, trained, capsys):
@@ -222,7 +282,8 @@ def test_dry_run_folder_tests_like_its_run(workdir, trained, capsys):
 def test_push_takes_the_checkpoint_that_metrics_scored(workdir, trained, capsys):
     shutil.copy("logs/vit/last.ckpt", "logs/vit/best.ckpt")
     assert run_test("logs/vit/best.ckpt", trained / "data", capsys)[0] == 0  # metrics.json now scores best.ckpt
-    assert run_cli(["push", "logs/vit", "--repo_id", "me/vit", "--dry_run", "out", "--include_checkpoint"], capsys)[0] == 0
+    args = ["push", "logs/vit", "--repo_id", "me/vit", "--dry_run", "out", "--include_checkpoint"]
+    assert run_cli(args, capsys)[0] == 0
     assert (Path("out/best.ckpt").exists(), Path("out/last.ckpt").exists()) == (True, False)
 
 
@@ -320,7 +381,10 @@ def test_push_bad_input_is_one_line(workdir, hub_env, capsys):
         (["logs/vit", "--repo_id", "no-owner"], ["--repo_id must be OWNER/NAME"]),
         (["logs/vit", "--repo_id", "me/bad name"], ["--repo_id must be OWNER/NAME"]),
         (["logs/missing", "--repo_id", "me/x"], ["logs/missing does not exist"]),
-        (["logs/unscored", "--repo_id", "me/x"], ["has no metrics.json", "main.py test DATA --ckpt_path logs/unscored/last.ckpt"]),
+        (
+            ["logs/unscored", "--repo_id", "me/x"],
+            ["has no metrics.json", "main.py test DATA --ckpt_path logs/unscored/last.ckpt"],
+        ),
         (["logs/vit/other.ckpt", "--repo_id", "me/x"], ["does not score logs/vit/other.ckpt", "main.py test"]),
         (["logs/vit", "--repo_id", "me/x", "--dry_run", "taken"], ["--dry_run taken already exists"]),
     ]

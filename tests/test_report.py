@@ -13,8 +13,8 @@ import dblock
 import main
 import report
 from cli_helpers import assert_one_line_error, run_cli, train_args
+from dblock import block_for_step
 from experiment import RUN_NAME_ENV
-from module import block_for_step
 from synthetic import write_cifar
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,14 +28,14 @@ def train_in_process(args: list) -> int:
 
 def poison_loss(mp: pytest.MonkeyPatch, at_call: int) -> None:
     """Make dblock's training loss non-finite on its `at_call`-th evaluation: train stops there with a UserError."""
-    real, calls = dblock.training_loss, []
+    real, calls = dblock.reduce_loss, []
 
     def poisoned(*args, **kwargs):
-        loss, *rest = real(*args, **kwargs)
+        loss = real(*args, **kwargs)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == at_call else loss, *rest)
+        return loss * float("nan") if len(calls) == at_call else loss
 
-    mp.setattr(dblock, "training_loss", poisoned)
+    mp.setattr(dblock, "reduce_loss", poisoned)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """Run folders of every kind, by real training runs on a synthetic CIFAR-100 (tiny model, CSV logger).
 
     vit, dblock: trained and tested. unfinished: dblock that failed at step 5, after its epoch-0 checkpoint (step 4).
-    crashed: dblock that failed on its first step, before any checkpoint. untested: the vit run without its metrics.json.
+    crashed: dblock that failed on its first step, before any checkpoint.
+    untested: the vit run without its metrics.json.
     """
     root = tmp_path_factory.mktemp("report")
     data_dir = write_cifar(root / "data", "cifar100", n_train=32, n_test=12)  # 4 steps per epoch at batch 8
@@ -74,6 +75,11 @@ def parse_table(text: str) -> list[dict[str, str]]:
     return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
 
 
+def cells(row: dict[str, str], *columns: str) -> tuple[str, ...]:
+    """The row's cells in those columns."""
+    return tuple(row[column] for column in columns)
+
+
 def metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
@@ -92,7 +98,8 @@ def test_table_rows_statuses_and_paper_rows(runs, tmp_path, capsys):
     order = ["vit", "dblock", "unfinished", "crashed", "untested"]
     out_md, out_png = tmp_path / "report.md", tmp_path / "report.png"
     # Folders and flags interleaved: every folder is taken, whatever its position.
-    args = ["report", runs["vit"], "--output", out_md, *(runs[n] for n in order[1:3]), "--plot", out_png, *(runs[n] for n in order[3:])]
+    args = ["report", runs["vit"], "--output", out_md, *(runs[n] for n in order[1:3]), "--plot", out_png,
+            *(runs[n] for n in order[3:])]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     rows = parse_table(out)
@@ -104,18 +111,23 @@ def test_table_rows_statuses_and_paper_rows(runs, tmp_path, capsys):
         assert by_run[name]["images"] == str(m["num_test_images"]) == "12"
         assert by_run[name]["checkpoint scored"] == "last.ckpt" and by_run[name]["status"] == report.TESTED
     vit, db = by_run["vit"], by_run["dblock"]
-    assert (vit["model"], vit["data"], vit["blocks (layers)"], vit["partition"], vit["gamma"]) == ("vit", "cifar100", "1 (6)", "-", "-")
-    assert (vit["epochs (planned)"], vit["steps (done)"], vit["inference steps"], vit["augment"]) == ("500", "2", "-", "released")
-    assert (db["blocks (layers)"], db["partition"], db["gamma"], db["inference steps"]) == ("3 (2,2,2)", "equiprob", "0.05", "3")
+    expected = ("vit", "cifar100", "1 (6)", "-", "-")
+    assert cells(vit, "model", "data", "blocks (layers)", "partition", "gamma") == expected
+    expected = ("500", "2", "-", "released")
+    assert cells(vit, "epochs (planned)", "steps (done)", "inference steps", "augment") == expected
+    expected = ("3 (2,2,2)", "equiprob", "0.05", "3")
+    assert cells(db, "blocks (layers)", "partition", "gamma", "inference steps") == expected
     assert (db["epochs (planned)"], db["steps (done)"]) == ("1500", "6")  # dblock: epochs and max_steps x B
     assert (by_run["unfinished"]["status"], by_run["unfinished"]["steps (done)"]) == (report.UNFINISHED, "4")
-    assert (by_run["crashed"]["status"], by_run["crashed"]["steps (done)"]) == (report.NO_CHECKPOINT, "0")  # from its CSV log
+    assert cells(by_run["crashed"], "status", "steps (done)") == (report.NO_CHECKPOINT, "0")  # from its CSV log
     assert (by_run["untested"]["status"], by_run["untested"]["steps (done)"]) == (report.UNTESTED, "2")
     for name in ("unfinished", "crashed", "untested"):
-        assert (by_run[name]["test acc %"], by_run[name]["images"], by_run[name]["checkpoint scored"]) == ("-", "-", "-")
+        assert cells(by_run[name], "test acc %", "images", "checkpoint scored") == ("-", "-", "-")
     paper = [r for r in rows if r["run"] == report.PAPER_RUN]
-    assert [(r["model"], r["data"], r["blocks (layers)"], r["test acc %"], r["status"]) for r in paper] == [
-        ("vit", "cifar100", "1 (12)", "60.25", report.PAPER), ("dblock", "cifar100", "3 (4,4,4)", "59.30", report.PAPER)]
+    assert [cells(r, "model", "data", "blocks (layers)", "test acc %", "status") for r in paper] == [
+        ("vit", "cifar100", "1 (12)", "60.25", report.PAPER),
+        ("dblock", "cifar100", "3 (4,4,4)", "59.30", report.PAPER),
+    ]
     assert out_md.read_text() == out.rstrip("\n") + "\n"  # --output holds exactly the printed table
     assert out_png.read_bytes().startswith(PNG_MAGIC)
     assert err == ""
@@ -125,7 +137,11 @@ def test_plot_has_one_line_per_run_and_block(runs, tmp_path):
     evals = copy_run(runs, "dblock", "evals", tmp_path)
     # Periodic evaluations as a run resumed twice would log them (flag on another branch): version_10 must come after
     # version_2, and the later log of an epoch replaces the earlier one.
-    for version, lines in (("version_2", ["epoch,step,eval/acc", "0,4,0.10", "1,8,0.20"]), ("version_10", ["epoch,step,eval/acc", "1,8,0.25", "2,12,0.30"])):
+    logs = (
+        ("version_2", ["epoch,step,eval/acc", "0,4,0.10", "1,8,0.20"]),
+        ("version_10", ["epoch,step,eval/acc", "1,8,0.25", "2,12,0.30"]),
+    )
+    for version, lines in logs:
         (evals / "csv" / version).mkdir()
         (evals / "csv" / version / "metrics.csv").write_text("\n".join(lines) + "\n")
     loaded = [report.load_run(str(p)) for p in (*runs.values(), evals)]
@@ -141,9 +157,18 @@ def test_plot_has_one_line_per_run_and_block(runs, tmp_path):
     expected |= {f"unfinished block {b}" for b in blocks_trained(5)}  # steps 0-4 logged, step 5 failed
     assert set(loss_lines) == expected  # the crashed run logged no loss: no line
     for b in blocks_trained(6):  # a block's curve holds only the steps that trained it, not Lightning's repeated values
-        assert list(loss_lines[f"dblock block {b}"].get_xdata()) == [s for s in range(6) if block_for_step(SEED, s, 3) == b]
+        trained = [s for s in range(6) if block_for_step(SEED, s, 3) == b]
+        assert list(loss_lines[f"dblock block {b}"].get_xdata()) == trained
     assert list(loss_lines["vit"].get_xdata()) == [0, 1]
     assert report.render_png(fig).startswith(PNG_MAGIC)
+
+
+def row_with_config(run: Path, config: dict, capsys) -> dict[str, str]:
+    """The report's row of a run folder once its config.yaml holds `config`."""
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(["report", run], capsys)
+    assert code == 0, err
+    return parse_table(out)[0]
 
 
 def test_allocation_and_partition_from_keys_added_on_other_branches(runs, tmp_path, capsys):
@@ -151,24 +176,17 @@ def test_allocation_and_partition_from_keys_added_on_other_branches(runs, tmp_pa
     (run / "blocks.json").unlink()  # blocks.json would take precedence: read the flags alone, as for older runs
     config = yaml.safe_load((run / "config.yaml").read_text())
     config.update(layers_per_block="3,2,1", partition="uniform", augment="paper", add_rand_aug=True, gamma=0.1)
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    code, out, err = run_cli(["report", run], capsys)
-    assert code == 0, err
-    row = parse_table(out)[0]
-    assert (row["blocks (layers)"], row["partition"], row["augment"], row["gamma"]) == ("3 (3,2,1)", "uniform", "paper+RandAugment", "0.1")
+    row = row_with_config(run, config, capsys)
+    expected = ("3 (3,2,1)", "uniform", "paper+RandAugment", "0.1")
+    assert cells(row, "blocks (layers)", "partition", "augment", "gamma") == expected
     config.update(layers_per_block="4,2")  # the allocation decides B, whatever the num_blocks flag said
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    code, out, err = run_cli(["report", run], capsys)
-    assert code == 0, err
-    row = parse_table(out)[0]
+    row = row_with_config(run, config, capsys)
     assert (row["blocks (layers)"], row["epochs (planned)"]) == ("2 (4,2)", "1000")
-    blocks = [{"block": b, "layers": layers, "sigma_range": [0.1, 1.0], "widened_range": [0.1, 1.0], "probability_mass": 1 / 3}
-              for b, layers in enumerate([[0, 1], [2, 3, 4], [5]])]
+    ranges = {"sigma_range": [0.1, 1.0], "widened_range": [0.1, 1.0], "probability_mass": 1 / 3}
+    blocks = [{"block": b, "layers": layers, **ranges} for b, layers in enumerate([[0, 1], [2, 3, 4], [5]])]
     (run / "blocks.json").write_text(json.dumps({"blocks": blocks}))
-    code, out, err = run_cli(["report", run], capsys)
-    assert code == 0, err
-    row = parse_table(out)[0]
-    assert (row["blocks (layers)"], row["epochs (planned)"]) == ("3 (2,3,1)", "1500")  # blocks.json wins over config.yaml
+    row = row_with_config(run, config, capsys)
+    assert cells(row, "blocks (layers)", "epochs (planned)") == ("3 (2,3,1)", "1500")  # blocks.json wins over config
 
 
 def test_steps_from_the_csv_log_without_a_checkpoint(runs, tmp_path, capsys):
@@ -201,7 +219,8 @@ def test_wandb_run_without_csv_history(runs, tmp_path, capsys):
 def test_folder_with_only_metrics_json(runs, tmp_path, capsys):
     run = tmp_path / "scored-elsewhere"
     run.mkdir()
-    scored = {**metrics(runs["vit"]), "test/acc": 5e-05, "num_test_images": 20000}  # json writes 5e-05: no decimal point
+    # json writes 5e-05: no decimal point.
+    scored = {**metrics(runs["vit"]), "test/acc": 5e-05, "num_test_images": 20000}
     (run / "metrics.json").write_text(json.dumps(scored))
     code, out, err = run_cli(["report", run], capsys)
     assert code == 0, err
@@ -225,7 +244,8 @@ def test_bad_run_folder_is_a_one_line_error_and_writes_nothing(runs, tmp_path, c
         else:
             (target / "last.ckpt").write_bytes(b"truncated")
     out_md = tmp_path / "out.md"
-    code, out, err = run_cli(["report", runs["vit"], target, "--output", out_md, "--plot", tmp_path / "out.png"], capsys)
+    args = ["report", runs["vit"], target, "--output", out_md, "--plot", tmp_path / "out.png"]
+    code, out, err = run_cli(args, capsys)
     assert_one_line_error(code, err, case)
     assert out == "" and not out_md.exists() and not (tmp_path / "out.png").exists()
 
@@ -239,10 +259,25 @@ def test_no_run_folder_is_an_argument_error(capsys, tmp_path):
     assert_one_line_error(code, err, "at least one run folder")
 
 
-def test_default_depth_matches_the_architecture():
-    from vit import ArchConfig
-
-    assert report.DEFAULT_DEPTH == ArchConfig().num_hidden_layers
+def test_config_of_an_older_run_reads_the_defaults(runs, tmp_path, capsys):
+    """A config.yaml written before --partition, --augment and --layers_per_block existed, with depth and block count
+    left at null: the defaults the model applies (the paper's 12 layers, 3 blocks of 4)."""
+    run = copy_run(runs, "dblock", "older", tmp_path)
+    (run / "blocks.json").unlink()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("partition", "augment", "layers_per_block", "gamma"):
+        del config[key]
+    config.update(num_hidden_layers=None, num_blocks=None)
+    row = row_with_config(run, config, capsys)
+    expected = ("3 (4,4,4)", "equiprob", "released", "0.05")
+    assert cells(row, "blocks (layers)", "partition", "augment", "gamma") == expected
+    assert row["epochs (planned)"] == "1500"
+    config.update(num_hidden_layers=6, num_blocks=4)  # a split train refuses: the report says why, naming the file
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(["report", run], capsys)
+    reason = "--num_hidden_layers 6 is not divisible by --num_blocks 4"
+    assert_one_line_error(code, err, str(run / "config.yaml"), reason)
+    assert out == ""
 
 
 def test_checkpoint_counters_match_torch(runs):
@@ -250,12 +285,14 @@ def test_checkpoint_counters_match_torch(runs):
     assert report.newest_checkpoint(runs["unfinished"]).global_step == ckpt["global_step"] == 4
 
 
-TRAIN_SCRIPTS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "slurm").glob("*.sbatch") if "assemble" not in p.name)
+SLURM_DIR = Path(__file__).resolve().parents[1] / "configs" / "slurm"
+TRAIN_SCRIPTS = sorted(p.name for p in SLURM_DIR.glob("*.sbatch") if "assemble" not in p.name)
 
 
 @pytest.mark.parametrize("script", TRAIN_SCRIPTS)
 def test_slurm_scripts_pass_extra_arguments_to_train(script, tmp_path):
-    """The sweep recipe's `sbatch SCRIPT --run_name ... --layers_per_block ...` reaches `main.py train`, after the script's flags."""
+    """The sweep recipe's `sbatch SCRIPT --run_name ... --layers_per_block ...` reaches `main.py train`, after the
+    script's flags."""
     import subprocess
 
     repo = Path(__file__).resolve().parents[1]
@@ -266,7 +303,9 @@ def test_slurm_scripts_pass_extra_arguments_to_train(script, tmp_path):
     for tool in fake_bin.iterdir():
         tool.chmod(0o755)
     extra = ["--run_name", "alloc-4-4-4-uniform", "--layers_per_block", "4,4,4", "--partition", "uniform"]
-    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(repo), "SLURM_ARRAY_JOB_ID": "9", "SLURM_ARRAY_TASK_ID": "1"}
-    result = subprocess.run(["bash", repo / "configs" / "slurm" / script, *extra], env=env, capture_output=True, text=True, check=True)
+    slurm = {"SLURM_SUBMIT_DIR": str(repo), "SLURM_ARRAY_JOB_ID": "9", "SLURM_ARRAY_TASK_ID": "1"}
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", **slurm}
+    sbatch = ["bash", SLURM_DIR / script, *extra]
+    result = subprocess.run(sbatch, env=env, capture_output=True, text=True, check=True)
     command = result.stdout.split()
     assert command[:5] == ["uv", "run", "--frozen", "--no-sync", "main.py"] and command[-len(extra):] == extra

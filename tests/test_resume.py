@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cli_helpers import cifar_dir, run_cli, train_args  # noqa: F401 (fixture)
-from module import BLOCK_TRACE_ENV
+from block_trace import BLOCK_TRACE_ENV
 
 STEPS_PER_EPOCH = 4  # 32 synthetic training images, batch 8
 
