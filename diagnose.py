@@ -49,7 +49,9 @@ def draw_generator(seed: int, draw: int, device: torch.device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(seed + draw * SECOND_DRAW_SALT)
 
 
-def sampler_pass(model, images: torch.Tensor, num_steps: int, cfg_scale: float, generator: torch.Generator, record: list) -> None:
+def sampler_pass(
+    model, images: torch.Tensor, num_steps: int, cfg_scale: float, generator: torch.Generator, record: list
+) -> None:
     """Run the sampler on one batch and append each step's (block, sigma, logits) to `record` (one entry per step)."""
     for index, step in enumerate(dblock.sampler_steps(model, images, num_steps, cfg_scale, generator=generator)):
         if len(record) <= index:
@@ -87,7 +89,8 @@ def timed(device: torch.device, fn):
 def collect(model, loader, plan: "Plan", device: torch.device, progress) -> Collected:
     """One pass over the test batches doing every analysis of the plan; `progress(images)` after each batch."""
     out = Collected()
-    generators = {(n, k): draw_generator(plan.seed, k, device) for n in plan.step_counts for k in range(plan.num_samples)}
+    draws = range(plan.num_samples)
+    generators = {(n, k): draw_generator(plan.seed, k, device) for n in plan.step_counts for k in draws}
     oracle_generator = torch.Generator(device=device).manual_seed(plan.seed)
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -155,7 +158,9 @@ def sampler_summary(out: Collected, plan: Plan, labels: torch.Tensor) -> dict:
             "num_inference_steps": n,
             "accuracy": diagnostics.accuracy(final_logits(out.steps[(n, 0)]), labels),
             "ms_per_image": 1000 * out.sampler_seconds[n] / n_images,
-            "trajectory": diagnostics.trajectory([(b, s, torch.cat(chunks)) for b, s, chunks in out.steps[(n, 0)]], labels),
+            "trajectory": diagnostics.trajectory(
+                [(b, s, torch.cat(chunks)) for b, s, chunks in out.steps[(n, 0)]], labels
+            ),
         }
         for n in plan.step_counts
     ]
@@ -212,7 +217,9 @@ def seeded_subset(dataset, max_images: int | None, seed: int):
     return Subset(dataset, sorted(chosen.tolist()))
 
 
-def make_plan(module, step_counts: tuple[int, ...], num_samples: int, seed: int, sigmas_per_block: int) -> tuple[Plan, list[str]]:
+def make_plan(
+    module, step_counts: tuple[int, ...], num_samples: int, seed: int, sigmas_per_block: int
+) -> tuple[Plan, list[str]]:
     """What this checkpoint can be diagnosed with, and a one-line note for every analysis it cannot run."""
     notes = []
     if not module.objective.has_blocks:
@@ -224,7 +231,8 @@ def make_plan(module, step_counts: tuple[int, ...], num_samples: int, seed: int,
     built = tuple(sorted(getattr(model, "owner", None) or model.built_blocks))
     sigmas = tuple(diagnostics.oracle_sigmas(model.boundaries, sigmas_per_block))
     if not module.covers_all_blocks:
-        notes.append(f"this job holds blocks {list(built)} of {model.num_blocks}: the sampler needs every block, so only "
+        notes.append(f"this job holds blocks {list(built)} of {model.num_blocks}: the sampler needs every block, "
+                     "so only "
                      "the blocks in isolation are measured (assemble the jobs with `main.py assemble` for the rest)")
         step_counts = ()
     else:
@@ -288,7 +296,9 @@ def output_folder(output: str | None, run_dir: Path) -> Path:
     if target.exists() and not target.is_dir():
         raise UserError(f"--output {output} is a file: give a folder")
     if not target.resolve().parent.is_dir():
-        raise UserError(f"--output {output}: folder {target.resolve().parent} does not exist: create it or choose another")
+        raise UserError(
+            f"--output {output}: folder {target.resolve().parent} does not exist: create it or choose another"
+        )
     return target
 
 
@@ -322,7 +332,8 @@ def own_range_accuracy(model, batches, seed: int, blocks: list[int]) -> dict[int
         for b in blocks:
             sigma = diagnostics.range_midpoint(*edm.block_range(b, model.boundaries))
             z = target + sigma * torch.randn(target.shape, device=target.device, generator=generator)
-            _, logits = model.denoise_and_classify(images, z, torch.full((len(labels),), sigma, device=images.device), b)
+            sigma_t = torch.full((len(labels),), sigma, device=images.device)
+            _, logits = model.denoise_and_classify(images, z, sigma_t, b)
             correct[b] = correct.get(b, 0.0) + float((logits.argmax(-1) == labels).sum())
         total += len(labels)
     return {b: c / max(total, 1) for b, c in correct.items()}

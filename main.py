@@ -249,11 +249,13 @@ def diagnose(
     Args:
         data: Dataset the checkpoint was trained on (its test split is diagnosed).
         ckpt_path: Any checkpoint `test` accepts: a .ckpt file, an assembled or released-format one, a pushed folder or hf://OWNER/NAME[@REVISION].
-        num_inference_steps: dblock: comma-separated sampler step counts to compare, e.g. 1,2,3,6,12 (default: the checkpoint's).
+        num_inference_steps: dblock: comma-separated sampler step counts to compare, e.g. 1,2,3,6,12 (default: the
+            checkpoint's).
         num_samples: dblock: independent sampler noise draws whose averaged predictions are scored (1..K rows).
         seed: Seed of the sampler noise (the first draw reproduces `test --seed`), the oracle noise and --max_images.
         max_images: Diagnose a seeded subset of this many test images (default: all).
-        sigmas_per_block: dblock: noise levels per block range in the blocks-in-isolation sweep (plus sigma_min and sigma_max).
+        sigmas_per_block: dblock: noise levels per block range in the blocks-in-isolation sweep (plus sigma_min and
+            sigma_max).
         output: Folder receiving the results (default: diagnostics/ beside the checkpoint's metrics.json).
         data_dir: Folder holding (or receiving) the dataset files.
         batch_size: Batch size (used when --eval_batch_size is not given).
