@@ -52,3 +52,36 @@ class LineProgress(pl.Callback):
             f"ETA {eta}",
         ]
         return " | ".join(parts)
+
+
+class BlockDiagnostics(pl.Callback):
+    """Every `every_n_epochs` epochs, log diag/block_acc_<b>: each block's accuracy at the geometric middle of its own
+    noise range when fed the true label state plus seeded noise, on a seeded subset of the test split.
+
+    It draws from generators of its own and puts the model back as it found it, so training is unchanged.
+    """
+
+    def __init__(self, every_n_epochs: int, images: int, seed: int, batch_size: int):
+        self.every_n_epochs, self.images, self.seed, self.batch_size = every_n_epochs, images, seed, batch_size
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs or not trainer.is_global_zero:
+            return
+        import torch
+        from torch.utils.data import DataLoader
+
+        from diagnose import own_range_accuracy, seeded_subset
+
+        subset = seeded_subset(trainer.datamodule.test_set, self.images, self.seed)
+        # A private generator: a loader without one draws its base seed from the global generator training uses.
+        loader = DataLoader(subset, batch_size=self.batch_size, generator=torch.Generator().manual_seed(self.seed))
+        if pl_module.offloader is not None:
+            pl_module.offloader.restore_weights(pl_module.device)  # every block is measured
+        model, was_training = pl_module.model, pl_module.model.training
+        model.eval()
+        batches = ((x.to(pl_module.device), y.to(pl_module.device)) for x, y in loader)
+        accuracy = own_range_accuracy(model, batches, self.seed, pl_module.objective.trainable_blocks)
+        model.train(was_training)
+        metrics = {f"diag/block_acc_{b}": acc for b, acc in accuracy.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=trainer.global_step)

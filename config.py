@@ -78,6 +78,8 @@ class RunConfig:
     save_every_n_epochs: int
     save_top_k: int
     eval_every_n_epochs: int | None
+    diagnose_every_n_epochs: int | None  # dblock: blocks-in-isolation accuracy while training (callbacks.py)
+    diagnose_images: int
     accumulate_grad_batches: int
     ckpt_path: str | None
     logger: str

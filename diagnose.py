@@ -49,7 +49,9 @@ def draw_generator(seed: int, draw: int, device: torch.device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(seed + draw * SECOND_DRAW_SALT)
 
 
-def sampler_pass(model, images: torch.Tensor, num_steps: int, cfg_scale: float, generator: torch.Generator, record: list) -> None:
+def sampler_pass(
+    model, images: torch.Tensor, num_steps: int, cfg_scale: float, generator: torch.Generator, record: list
+) -> None:
     """Run the sampler on one batch and append each step's (block, sigma, logits) to `record` (one entry per step)."""
     for index, step in enumerate(dblock.sampler_steps(model, images, num_steps, cfg_scale, generator=generator)):
         if len(record) <= index:
@@ -57,16 +59,17 @@ def sampler_pass(model, images: torch.Tensor, num_steps: int, cfg_scale: float, 
         record[index][2].append(step.logits.float().cpu())
 
 
-def oracle_pass(model, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float], generator: torch.Generator, out: dict) -> None:
+def oracle_pass(model, images: torch.Tensor, labels: torch.Tensor, plan: "Plan", generator: torch.Generator,
+                out: dict) -> None:
     """Every block denoises the true label state plus noise at every sigma (the same noise for every block)."""
     target = model.clean_targets(labels).float()  # (N, D)
-    blocks = sorted(getattr(model, "owner", None) or range(model.num_blocks))
+    sigmas, blocks = plan.sigmas, plan.oracle_blocks
     for i, sigma in enumerate(sigmas):
         eps = torch.randn(target.shape, device=target.device, generator=generator)
         sigma_t = torch.full((len(labels),), sigma, device=target.device)
         z = target + sigma * eps
         for b in blocks:
-            denoised, logits = model.denoise(images, z, sigma_t, b)
+            denoised, logits = model.denoise_and_classify(images, z, sigma_t, b)
             sums = out.setdefault((b, i), [0.0, 0.0, 0.0])
             sums[0] += float((logits.argmax(-1) == labels).sum())
             sums[1] += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
@@ -86,7 +89,8 @@ def timed(device: torch.device, fn):
 def collect(model, loader, plan: "Plan", device: torch.device, progress) -> Collected:
     """One pass over the test batches doing every analysis of the plan; `progress(images)` after each batch."""
     out = Collected()
-    generators = {(n, k): draw_generator(plan.seed, k, device) for n in plan.step_counts for k in range(plan.num_samples)}
+    draws = range(plan.num_samples)
+    generators = {(n, k): draw_generator(plan.seed, k, device) for n in plan.step_counts for k in draws}
     oracle_generator = torch.Generator(device=device).manual_seed(plan.seed)
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -105,7 +109,7 @@ def collect(model, loader, plan: "Plan", device: torch.device, progress) -> Coll
         one_call = lambda: model(images, torch.randn(len(labels), model.arch.hidden_size, device=device),  # noqa: E731
                                  torch.full((len(labels),), plan.sigmas[0], device=device), plan.oracle_blocks[0])
         out.forward_seconds += timed(device, one_call)[1]
-        oracle_pass(model, images, labels, plan.sigmas, oracle_generator, out.oracle)
+        oracle_pass(model, images, labels, plan, oracle_generator, out.oracle)
         progress(len(labels))
     return out
 
@@ -135,13 +139,18 @@ def summarise(out: Collected, plan: Plan, model) -> dict:
     n_images = len(labels)
     report: dict = {"num_images": n_images, "forward_ms_per_image": 1000 * out.forward_seconds / n_images}
     if not plan.is_dblock:
-        report["calibration"] = diagnostics.calibration(torch.cat(out.vit_logits), labels)
+        logits = torch.cat(out.vit_logits)
+        report.update(calibration=diagnostics.calibration(logits, labels), predictions=logits.argmax(dim=-1).tolist())
         return report
     if plan.step_counts:
         report.update(sampler_summary(out, plan, labels))
     report["blocks"] = oracle_summary(out, plan, model, n_images)
     if "calibration" in report:
-        report["blocks"]["image_only_accuracy"] = report["calibration"]["accuracy"]
+        # The first sampler step sees almost pure noise (sigma_max): its accuracy is what the image alone gives.
+        steps = report["calibration"]["num_inference_steps"]
+        first = next(r for r in report["sampler"] if r["num_inference_steps"] == steps)
+        report["blocks"]["image_only_accuracy"] = first["trajectory"][0]["accuracy"]
+        report["blocks"]["sampler_accuracy"] = report["calibration"]["accuracy"]
     return report
 
 
@@ -153,7 +162,9 @@ def sampler_summary(out: Collected, plan: Plan, labels: torch.Tensor) -> dict:
             "num_inference_steps": n,
             "accuracy": diagnostics.accuracy(final_logits(out.steps[(n, 0)]), labels),
             "ms_per_image": 1000 * out.sampler_seconds[n] / n_images,
-            "trajectory": diagnostics.trajectory([(b, s, torch.cat(chunks)) for b, s, chunks in out.steps[(n, 0)]], labels),
+            "trajectory": diagnostics.trajectory(
+                [(b, s, torch.cat(chunks)) for b, s, chunks in out.steps[(n, 0)]], labels
+            ),
         }
         for n in plan.step_counts
     ]
@@ -162,6 +173,7 @@ def sampler_summary(out: Collected, plan: Plan, labels: torch.Tensor) -> dict:
     draws = [final_logits(out.steps[(default, k)]) for k in range(plan.num_samples)]
     return {
         "sampler": sampler,
+        "predictions": final_logits(out.steps[(default, 0)]).argmax(dim=-1).tolist(),  # as `test` predicts, in order
         "calibration": {"num_inference_steps": default, **calibration},
         "ensemble": {"num_inference_steps": default, "rows": diagnostics.ensemble(draws, labels)},
     }
@@ -184,12 +196,12 @@ def oracle_summary(out: Collected, plan: Plan, model, n_images: int) -> dict:
 
 
 # ---- the command ----------------------------------------------------------------------------------------------------
-def parse_step_counts(text: str | int | None, default: int | None) -> tuple[int, ...]:
-    """`1,2,3,6,12` -> (1, 2, 3, 6, 12); None -> the checkpoint's own step count."""
+def parse_step_counts(text: str | int | None) -> tuple[int, ...]:
+    """`1,2,3,6,12` -> (1, 2, 3, 6, 12); None -> () (the checkpoint's own step count)."""
     from errors import UserError
 
     if text is None:
-        return (default,) if default else ()
+        return ()
     try:
         counts = tuple(int(part) for part in str(text).split(","))
     except ValueError:
@@ -209,10 +221,12 @@ def seeded_subset(dataset, max_images: int | None, seed: int):
     return Subset(dataset, sorted(chosen.tolist()))
 
 
-def make_plan(module, step_counts: tuple[int, ...], num_samples: int, seed: int, sigmas_per_block: int) -> tuple[Plan, list[str]]:
+def make_plan(
+    module, step_counts: tuple[int, ...], num_samples: int, seed: int, sigmas_per_block: int
+) -> tuple[Plan, list[str]]:
     """What this checkpoint can be diagnosed with, and a one-line note for every analysis it cannot run."""
     notes = []
-    if not module.is_dblock:
+    if not module.objective.has_blocks:
         if step_counts or num_samples > 1:
             notes.append("a vit checkpoint has no sampler or blocks: only calibration applies "
                          "(--num_inference_steps and --num_samples are for dblock)")
@@ -221,23 +235,23 @@ def make_plan(module, step_counts: tuple[int, ...], num_samples: int, seed: int,
     built = tuple(sorted(getattr(model, "owner", None) or model.built_blocks))
     sigmas = tuple(diagnostics.oracle_sigmas(model.boundaries, sigmas_per_block))
     if not module.covers_all_blocks:
-        notes.append(f"this job holds blocks {list(built)} of {model.num_blocks}: the sampler needs every block, so only "
+        notes.append(f"this job holds blocks {list(built)} of {model.num_blocks}: the sampler needs every block, "
+                     "so only "
                      "the blocks in isolation are measured (assemble the jobs with `main.py assemble` for the rest)")
         step_counts = ()
     else:
         step_counts = step_counts or (module.inference_steps,)
     plan = Plan(is_dblock=True, step_counts=step_counts, default_steps=module.inference_steps, num_samples=num_samples,
-                seed=seed, cfg_scale=module.hparams.cfg_scale, sigmas=sigmas, oracle_blocks=built)
+                seed=seed, cfg_scale=module.spec.sampler.cfg_scale, sigmas=sigmas, oracle_blocks=built)
     return plan, notes
 
 
 @dataclass(frozen=True)
 class Request:
-    """The diagnose flags, checked before any checkpoint or data is read."""
+    """What diagnose measures, from its flags (the data and loader flags travel in the run's Configs)."""
 
-    data: str
     ckpt_path: str
-    step_counts: str | None
+    step_counts: tuple[int, ...]
     num_samples: int
     seed: int
     max_images: int | None
@@ -245,30 +259,29 @@ class Request:
     output: str | None
 
 
-def run(request: Request, loader_flags: dict, accelerator: str, overrides: dict) -> dict:
+def run(configs, request: Request, overrides: dict) -> dict:
     """Diagnose a checkpoint: load it, pass over the test split once, write diagnostics/ and print its tables."""
     from tqdm import tqdm
 
     from bench import resolve_device
-    from data import ImageDataModule
     from experiment import module_from_checkpoint
     from hub.resolve import resolve_checkpoint
+    from run import check_same_classes, make_datamodule
 
     ckpt, run_dir = resolve_checkpoint(request.ckpt_path)
     module = module_from_checkpoint(ckpt, request.ckpt_path, None, overrides)
-    step_counts = parse_step_counts(request.step_counts, None)
-    plan, notes = make_plan(module, step_counts, request.num_samples, request.seed, request.sigmas_per_block)
+    plan, notes = make_plan(module, request.step_counts, request.num_samples, request.seed, request.sigmas_per_block)
     target = output_folder(request.output, run_dir)
-    dm = ImageDataModule(request.data, image_size=module.hparams.arch["image_size"], **loader_flags)
-    check_classes(dm, module, request)
+    dm = make_datamodule(configs, module.hparams.arch["image_size"], train=False)
+    check_same_classes(dm, module, configs.run.data, request.ckpt_path)
     dm.setup("test")
     dm.test_set = seeded_subset(dm.test_set, request.max_images, request.seed)
-    device = resolve_device(accelerator)
+    device = resolve_device(configs.run.accelerator)
     model = module.model.to(device).eval()
     with tqdm(total=len(dm.test_set), desc="diagnose", unit="image", file=sys.stderr) as bar:
         collected = collect(model, dm.test_dataloader(), plan, device, bar.update)
     report = {
-        "checkpoint": str(request.ckpt_path), "model_type": module.hparams.model_type, "data": request.data,
+        "checkpoint": str(request.ckpt_path), "model_type": module.hparams.model_type, "data": configs.run.data,
         "seed": request.seed, "notes": notes, **summarise(collected, plan, model),
     }
     figures = write_report(target, report)
@@ -287,19 +300,10 @@ def output_folder(output: str | None, run_dir: Path) -> Path:
     if target.exists() and not target.is_dir():
         raise UserError(f"--output {output} is a file: give a folder")
     if not target.resolve().parent.is_dir():
-        raise UserError(f"--output {output}: folder {target.resolve().parent} does not exist: create it or choose another")
-    return target
-
-
-def check_classes(dm, module, request: Request) -> None:
-    """The dataset must have the classes the checkpoint was trained on."""
-    from errors import UserError
-
-    if dm.info.num_classes != module.hparams.num_labels:
         raise UserError(
-            f"checkpoint {request.ckpt_path} classifies {module.hparams.num_labels} classes but {request.data} has "
-            f"{dm.info.num_classes}: diagnose on the dataset the checkpoint was trained on"
+            f"--output {output}: folder {target.resolve().parent} does not exist: create it or choose another"
         )
+    return target
 
 
 def write_report(target: Path, report: dict) -> list[str]:
@@ -319,7 +323,7 @@ def write_report(target: Path, report: dict) -> list[str]:
 
 
 @torch.no_grad()
-def own_range_accuracy(model, batches, seed: int) -> dict[int, float]:
+def own_range_accuracy(model, batches, seed: int, blocks: list[int]) -> dict[int, float]:
     """Each block's accuracy at the geometric midpoint of its own range, fed the true label state plus seeded noise:
     the blocks-in-isolation measurement that training logs as diag/block_acc_<b>."""
     generator = None
@@ -329,10 +333,11 @@ def own_range_accuracy(model, batches, seed: int) -> dict[int, float]:
         if generator is None:
             generator = torch.Generator(device=images.device).manual_seed(seed)
         target = model.clean_targets(labels).float()
-        for b in range(model.num_blocks):
+        for b in blocks:
             sigma = diagnostics.range_midpoint(*edm.block_range(b, model.boundaries))
             z = target + sigma * torch.randn(target.shape, device=target.device, generator=generator)
-            _, logits = model.denoise(images, z, torch.full((len(labels),), sigma, device=images.device), b)
+            sigma_t = torch.full((len(labels),), sigma, device=images.device)
+            _, logits = model.denoise_and_classify(images, z, sigma_t, b)
             correct[b] = correct.get(b, 0.0) + float((logits.argmax(-1) == labels).sum())
         total += len(labels)
     return {b: c / max(total, 1) for b, c in correct.items()}

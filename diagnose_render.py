@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
+import plotting
 
 PERCENT = 100.0
 
 
 def new_figure(width: float, height: float, panels: int = 1):
-    """A constrained-layout figure with `panels` side-by-side axes (no pyplot: no global backend state)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
+    """A figure with `panels` side-by-side axes."""
+    fig = plotting.new_figure(width, height)
     axes = fig.subplots(1, panels)
     return fig, ([axes] if panels == 1 else list(axes))
 
@@ -33,21 +31,13 @@ def trajectory_figure(sampler: list[dict]):
     return fig
 
 
-def block_colours(num_blocks: int) -> list:
-    """One colour per block from a sequential map: block 0 (highest noise) darkest."""
-    from matplotlib import colormaps
-
-    cmap = colormaps["viridis"]
-    return [cmap(b / max(num_blocks - 1, 1) * 0.85) for b in range(num_blocks)]
-
-
 def blocks_figure(blocks: dict):
     """Each block fed the true label state at every noise level: accuracy (left) and denoising error (right).
 
     The shaded band of a block's colour is the range it denoises at inference; dotted lines are the boundaries.
     """
     fig, (ax_acc, ax_err) = new_figure(12, 4.4, 2)
-    colours = block_colours(len(blocks["ranges"]))
+    colours = plotting.block_colours(len(blocks["ranges"]))
     for b, colour in enumerate(colours):
         rows = [r for r in blocks["rows"] if r["block"] == b]
         sigmas = [r["sigma"] for r in rows]
@@ -56,8 +46,10 @@ def blocks_figure(blocks: dict):
         lo, hi = blocks["ranges"][b]
         for ax in (ax_acc, ax_err):
             ax.axvspan(lo, hi, color=colour, alpha=0.10, lw=0)
-    if blocks.get("image_only_accuracy") is not None:
-        ax_acc.axhline(PERCENT * blocks["image_only_accuracy"], color="gray", ls="--", lw=1, label="full sampler")
+    if "sampler_accuracy" in blocks:
+        ax_acc.axhline(PERCENT * blocks["image_only_accuracy"], color="gray", ls=":", lw=1,
+                       label="sampler's first step (image only)")
+        ax_acc.axhline(PERCENT * blocks["sampler_accuracy"], color="gray", ls="--", lw=1, label="full sampler")
     for ax in (ax_acc, ax_err):
         for boundary in blocks["boundaries"][1:-1]:  # the inner ones: the ends are sigma_min and sigma_max
             ax.axvline(boundary, color="black", ls=":", lw=1)
@@ -65,7 +57,8 @@ def blocks_figure(blocks: dict):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax_err.set_yscale("log")
-    ax_acc.set(xlabel="noise level sigma", ylabel="accuracy (%)", title="Blocks in isolation: accuracy from z = y + sigma eps")
+    ax_acc.set(xlabel="noise level sigma", ylabel="accuracy (%)",
+               title="Blocks in isolation: accuracy from z = y + sigma eps")
     ax_err.set(xlabel="noise level sigma", ylabel="mean ||D_x - y||^2", title="Denoising error of D_x")
     return fig
 
@@ -101,21 +94,16 @@ def cost_figure(sampler: list[dict], forward_ms: float | None):
     return fig
 
 
-def render_png(fig) -> bytes:
-    """The figure as PNG bytes, rendered before any file is written."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
 def figures(report: dict) -> dict[str, bytes]:
     """File name -> PNG bytes for every figure the diagnostics hold data for."""
-    out = {"reliability.png": render_png(reliability_figure(report["calibration"]))} if "calibration" in report else {}
+    out = {}
+    if "calibration" in report:
+        out["reliability.png"] = plotting.render_png(reliability_figure(report["calibration"]))
     if report.get("sampler"):
-        out["trajectory.png"] = render_png(trajectory_figure(report["sampler"]))
-        out["cost.png"] = render_png(cost_figure(report["sampler"], report.get("forward_ms_per_image")))
+        out["trajectory.png"] = plotting.render_png(trajectory_figure(report["sampler"]))
+        out["cost.png"] = plotting.render_png(cost_figure(report["sampler"], report.get("forward_ms_per_image")))
     if report.get("blocks"):
-        out["blocks.png"] = render_png(blocks_figure(report["blocks"]))
+        out["blocks.png"] = plotting.render_png(blocks_figure(report["blocks"]))
     return out
 
 
@@ -182,9 +170,11 @@ def blocks_section(blocks: dict) -> str:
 
 
 def ensemble_section(ensemble: dict) -> str:
-    rows = [[str(r["samples"]), pct(r["accuracy_mean_probs"]), pct(r["accuracy_mean_logits"]), pct(r["accuracy_single_draw"])]
+    rows = [[str(r["samples"]), pct(r["accuracy_mean_probs"]), pct(r["accuracy_mean_logits"]),
+             pct(r["accuracy_single_draw"])]
             for r in ensemble["rows"]]
-    table = markdown_table(["noise draws k", "acc % (mean probabilities)", "acc % (mean logits)", "acc % (draw k alone)"], rows)
+    header = ["noise draws k", "acc % (mean probabilities)", "acc % (mean logits)", "acc % (draw k alone)"]
+    table = markdown_table(header, rows)
     return f"## Noise-draw ensembles ({ensemble['num_inference_steps']} steps)\n\n{table}"
 
 

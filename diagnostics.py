@@ -74,7 +74,9 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(dim=-1) == labels).double().mean().item()
 
 
-def step_statistics(logits: torch.Tensor, labels: torch.Tensor, final: torch.Tensor, previous: torch.Tensor | None) -> dict:
+def step_statistics(
+    logits: torch.Tensor, labels: torch.Tensor, final: torch.Tensor, previous: torch.Tensor | None
+) -> dict:
     """One sampler step's logits judged on their own and against the final and the previous step's predictions.
 
     `final` and `previous` are predicted classes (N,); the flips count images whose correctness changed.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -113,10 +112,3 @@ def replace_folder_atomic(path: str | os.PathLike, build: Callable[[Path], Any])
     os.rename(target, old)
     os.rename(fresh, target)
     shutil.rmtree(old)
-
-
-def render_png(fig) -> bytes:
-    """A matplotlib figure as PNG bytes, rendered before any file is written."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()

@@ -1,4 +1,4 @@
-"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,bench} DATA [flags]`,
+"""Command line of the DiffusionBlocks reproduction: `main.py {train,test,diagnose,bench} DATA [flags]`,
 `main.py report RUN_DIR...`, `main.py assemble CKPT... --output FILE`, `main.py push RUN --repo_id OWNER/NAME`.
 
 Flag names and defaults follow the released program; see README.md for every flag.
@@ -54,6 +54,8 @@ def train(
     save_every_n_epochs: int = 5,
     save_top_k: int = 1,
     eval_every_n_epochs: int | None = None,
+    diagnose_every_n_epochs: int | None = None,
+    diagnose_images: int = 1000,
     accumulate_grad_batches: int = 1,
     gradient_checkpointing: bool = False,
     optimizer: Literal["adamw"] = "adamw",
@@ -116,6 +118,9 @@ def train(
             latest.
         eval_every_n_epochs: Score the test split every this many epochs and log eval/acc, a learning curve (default:
             never); changes neither training nor the checkpoint tested.
+        diagnose_every_n_epochs: dblock: every this many epochs, log each block's accuracy at the middle of its own
+            noise range when fed the true label state plus noise (diag/block_acc_<b>); changes nothing else.
+        diagnose_images: Test images (a seeded subset) that --diagnose_every_n_epochs scores.
         accumulate_grad_batches: Batches per optimizer step.
         gradient_checkpointing: Recompute activations in backward (vit baseline only).
         optimizer: Optimizer (only adamw, as released).
@@ -163,6 +168,7 @@ def train(
         eval_batch_size=eval_batch_size, save_every_n_epochs=save_every_n_epochs,
         accumulate_grad_batches=accumulate_grad_batches, num_inference_steps=num_inference_steps,
         log_every_n_steps=log_every_n_steps, eval_every_n_epochs=eval_every_n_epochs,
+        diagnose_every_n_epochs=diagnose_every_n_epochs, diagnose_images=diagnose_images,
     )
     check_accelerator(accelerator)
     return run.train(build_configs(data, flags), flags)
@@ -219,6 +225,62 @@ def test(
 
 # test's flags that describe the run (the others override the checkpoint's hyper-parameters)
 TEST_RUN_FLAGS = ("data_dir", "batch_size", "eval_batch_size", "num_workers", "accelerator", "precision", "seed")
+
+
+def diagnose(
+    data: Data,
+    *,
+    ckpt_path: str,
+    num_inference_steps: str | None = None,
+    num_samples: int = 1,
+    seed: int = 42,
+    max_images: int | None = None,
+    sigmas_per_block: int = 5,
+    output: str | None = None,
+    data_dir: str = "data",
+    batch_size: int = 128,
+    eval_batch_size: int | None = None,
+    num_workers: int = 8,
+    accelerator: Accelerator = "auto",
+    cfg_scale: float | None = None,
+    raw_embedding_bridge: bool | None = None,
+) -> dict:
+    """Look inside a checkpoint: calibration, every sampler step, every block in isolation, noise-draw ensembles, cost.
+
+    Writes diagnostics.json, diagnostics.md and PNG figures into diagnostics/ next to the checkpoint's metrics.json
+    (or --output) and prints the tables.
+
+    Args:
+        data: Dataset the checkpoint was trained on (its test split is diagnosed).
+        ckpt_path: Any checkpoint `test` accepts: a .ckpt file, an assembled or released-format one, a pushed folder or hf://OWNER/NAME[@REVISION].
+        num_inference_steps: dblock: comma-separated sampler step counts to compare, e.g. 1,2,3,6,12 (default: the
+            checkpoint's).
+        num_samples: dblock: independent sampler noise draws whose averaged predictions are scored (1..K rows).
+        seed: Seed of the sampler noise (the first draw reproduces `test --seed`), the oracle noise and --max_images.
+        max_images: Diagnose a seeded subset of this many test images (default: all).
+        sigmas_per_block: dblock: noise levels per block range in the blocks-in-isolation sweep (plus sigma_min and
+            sigma_max).
+        output: Folder receiving the results (default: diagnostics/ beside the checkpoint's metrics.json).
+        data_dir: Folder holding (or receiving) the dataset files.
+        batch_size: Batch size (used when --eval_batch_size is not given).
+        eval_batch_size: Batch size of the passes over the test split.
+        num_workers: Data loader worker processes.
+        accelerator: auto, gpu or cpu.
+        cfg_scale: dblock: classifier-free guidance scale (default: the checkpoint's).
+        raw_embedding_bridge: dblock: override the checkpoint's bridge quirk (true = released raw table).
+    """
+    import diagnose as diagnosis
+    from config import build_configs
+
+    check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_samples=num_samples,
+                   max_images=max_images, sigmas_per_block=sigmas_per_block)
+    request = diagnosis.Request(
+        ckpt_path=ckpt_path, step_counts=diagnosis.parse_step_counts(num_inference_steps), num_samples=num_samples,
+        seed=seed, max_images=max_images, sigmas_per_block=sigmas_per_block, output=output,
+    )
+    flags = {k: v for k, v in locals().items() if k in TEST_RUN_FLAGS}
+    overrides = {"cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge}
+    return diagnosis.run(build_configs(data, flags), request, overrides)
 
 
 def bench(
@@ -318,7 +380,10 @@ def push(
     )
 
 
-COMMANDS = {"train": train, "test": test, "bench": bench, "report": report, "assemble": assemble, "push": push}
+COMMANDS = {
+    "train": train, "test": test, "diagnose": diagnose, "bench": bench, "report": report, "assemble": assemble,
+    "push": push,
+}
 # Subcommands whose positional argument is a list, and their flags that take the next token as value.
 LIST_POSITIONALS = {"report": ("--output", "--plot", "--config"), "assemble": ("--output", "--config")}
 

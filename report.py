@@ -18,8 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import plotting
 from errors import UserError
-from fileio import check_writable, read_mapping, render_png, write_output
+from fileio import check_writable, read_mapping, write_output
 from paper import PaperResult, layout_text, paper_results
 
 UNKNOWN, NOT_APPLICABLE = "?", "-"
@@ -35,7 +36,8 @@ COLUMNS = (
     "run", "model", "data", "blocks (layers)", "partition", "gamma", "augment", "epochs (planned)", "steps (done)",
     "inference steps", "test acc %", "images", "checkpoint scored", "status",
 )
-BLOCK_LOSS = re.compile(r"train/loss_(\d+)")
+BLOCK_CE = re.compile(r"train/ce_loss_(\d+)")
+BLOCK_ACC = re.compile(r"diag/block_acc_(\d+)")
 # The periodic test-split evaluation if the run logged it, else the validation split.
 ACCURACY_KEYS = ("eval/acc", "val/acc")
 EVAL_KEYS = ("test/acc", *ACCURACY_KEYS)
@@ -64,7 +66,7 @@ def report(run_dirs: list[str], *, output: str | None = None, plot: str | None =
             if run.logs_to_wandb and not run.history:
                 note = f"note: {run.path} logged to W&B only: {wandb_history_note()}, so its curves are not plotted"
                 print(note, file=sys.stderr)
-        png = render_png(plot_runs(runs))
+        png = plotting.render_png(plot_runs(runs))
         write_output(plot, "--plot", lambda f: f.write(png))
     if output is not None:
         write_output(output, "--output", lambda f: f.write((table + "\n").encode()))
@@ -401,54 +403,114 @@ def series(rows: list[dict[str, float]], x: str, y: str) -> tuple[list[float], l
     return xs, [points[v] for v in xs]
 
 
-def accuracy_curve(rows: list[dict[str, float]]) -> tuple[list[float], list[float]]:
-    """Accuracy (fraction) against epoch from the run's periodic evaluations; empty without any."""
+def accuracy_curve(run: Run) -> tuple[list[float], list[float]]:
+    """Accuracy (fraction) against end-to-end epochs trained (a dblock epoch trains one block: 1/B of one), from the
+    run's periodic evaluations; empty without any."""
     for key in ACCURACY_KEYS:
-        xs, ys = series(rows, "epoch", key)
-        if xs:
-            return xs, ys
+        epochs, acc = series(run.history, "epoch", key)
+        if epochs:
+            return [(e + 1) / run.num_blocks for e in epochs], acc
     return [], []
 
 
-def loss_curves(rows: list[dict[str, float]]) -> dict[str, tuple[list[float], list[float]]]:
-    """Training loss against step: one curve per block (train/loss_{b}) for dblock, one (train/loss) for vit."""
-    blocks = sorted({int(m.group(1)) for r in rows for k in r if (m := BLOCK_LOSS.fullmatch(k))})
+def block_accuracy_curves(run: Run) -> dict[int, tuple[list[float], list[float]]]:
+    """diag/block_acc_<b> (train --diagnose_every_n_epochs) against end-to-end epochs, per block."""
+    blocks = sorted({int(m.group(1)) for r in run.history for k in r if (m := BLOCK_ACC.fullmatch(k))})
+    curves = {}
+    for b in blocks:
+        epochs, acc = series(run.history, "epoch", f"diag/block_acc_{b}")
+        curves[b] = ([(e + 1) / run.num_blocks for e in epochs], acc)
+    return curves
+
+
+def loss_curves(run: Run) -> dict[int | None, tuple[list[float], list[float]]]:
+    """Unweighted cross-entropy against end-to-end steps (optimizer steps / B): per block (train/ce_loss_<b>) for
+    dblock, key None for the vit's train/loss (its cross-entropy)."""
+    rows = run.history
+    blocks = sorted({int(m.group(1)) for r in rows for k in r if (m := BLOCK_CE.fullmatch(k))})
     if not blocks:
-        xs, ys = series(rows, "step", "train/loss")
-        return {"": (xs, ys)} if xs else {}
-    # Lightning repeats a block's last loss on later rows until the epoch ends: keep only the steps that trained it.
-    return {
-        f"block {b}": series([r for r in rows if r.get("train/block", b) == b], "step", f"train/loss_{b}")
-        for b in blocks
-    }
+        steps, losses = series(rows, "step", "train/loss")
+        return {None: (steps, losses)} if steps else {}
+    curves = {}
+    for b in blocks:
+        # Lightning repeats a block's last loss on later rows until the epoch ends: keep the steps that trained it.
+        steps, losses = series([r for r in rows if r.get("train/block", b) == b], "step", f"train/ce_loss_{b}")
+        curves[b] = ([s / run.num_blocks for s in steps], losses)
+    return curves
 
 
 def plot_runs(runs: list[Run]):
-    """Figure with test accuracy against epoch (left, the paper's numbers dashed) and training losses against step
-    (right)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg renders the PNG
+    """Accuracy of every evaluated run and the blocks' own-range accuracy (top), then one small panel of training
+    cross-entropy per run, coloured by block, a smoothed curve over the faint raw one (below); every x axis counts
+    end-to-end epochs or steps, so a vit and its dblock twin line up."""
+    columns = min(max(len(runs), 2), 4)
+    rows = 1 + -(-len(runs) // columns)
+    fig = plotting.new_figure(4 * columns, 3.4 * rows)
+    grid = fig.add_gridspec(rows, columns)
+    half = columns // 2
+    ax_acc, ax_diag = fig.add_subplot(grid[0, :half]), fig.add_subplot(grid[0, half:])
+    draw_accuracy(ax_acc, runs)
+    draw_block_accuracy(ax_diag, runs)
+    colours = plotting.block_colours(max((r.num_blocks for r in runs), default=1))
+    first = None
+    for i, run in enumerate(runs):
+        ax = fig.add_subplot(grid[1 + i // columns, i % columns], sharey=first)
+        first = first or ax
+        draw_losses(ax, run, colours)
+    return fig
 
-    fig = Figure(figsize=(13, 5), layout="constrained")
-    ax_acc, ax_loss = fig.subplots(1, 2)
+
+def draw_accuracy(ax, runs: list[Run]) -> None:
+    """Test (or validation) accuracy against end-to-end epochs, one line per evaluated run; the paper's dashed."""
     for run in runs:
-        epochs, acc = accuracy_curve(run.history)
+        epochs, acc = accuracy_curve(run)
         if epochs:
-            ax_acc.plot(epochs, [100 * a for a in acc], marker="o", label=run.name)
-        for block, (steps, losses) in loss_curves(run.history).items():
-            # A block drawn at one logged step only is a single point, invisible as a bare line.
-            ax_loss.plot(steps, losses, marker="o" if len(steps) == 1 else None, label=f"{run.name} {block}".strip())
-    if not ax_acc.get_lines():
-        ax_acc.text(0.5, 0.95, "no eval/acc or val/acc logged", ha="center", va="top", transform=ax_acc.transAxes)
+            ax.plot(epochs, [100 * a for a in acc], marker="o", ms=3, label=run.name)
+    if not ax.get_lines():
+        ax.text(0.5, 0.95, "no eval/acc or val/acc logged", ha="center", va="top", transform=ax.transAxes)
     for ref, style in zip(paper_references(runs), ("--", ":", "-.", (0, (5, 5)))):
         label = f"paper {ref.data} {ref.model_type} {layout_text(ref.layout())}"
-        ax_acc.axhline(ref.accuracy, linestyle=style, linewidth=1.2, color="gray", label=label)
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Accuracy during training")
-    ax_loss.set(xlabel="optimizer step", ylabel="training loss", title="Training loss (per block for dblock)")
-    if ax_loss.get_lines():
-        ax_loss.set_yscale("log")  # dblock's noise-weighted losses span orders of magnitude
+        ax.axhline(ref.accuracy, linestyle=style, linewidth=1.2, color="gray", label=label)
+    ax.set(xlabel="end-to-end epochs (dblock: epochs / B)", ylabel="test accuracy (%)",
+           title="Accuracy during training")
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+
+
+def draw_block_accuracy(ax, runs: list[Run]) -> None:
+    """diag/block_acc_<b> curves: colour by block, line style by run."""
+    styles = ("-", "--", ":", "-.")
+    for i, run in enumerate(runs):
+        curves = block_accuracy_curves(run)
+        colours = plotting.block_colours(len(curves))
+        for (b, (epochs, acc)), colour in zip(curves.items(), colours):
+            ax.plot(epochs, [100 * a for a in acc], linestyle=styles[i % len(styles)], marker="o", ms=3,
+                    color=colour, label=f"{run.name} block {b}")
+    if ax.get_lines():
+        ax.legend(fontsize=7)
     else:
-        ax_loss.text(0.5, 0.95, "no training loss logged", ha="center", va="top", transform=ax_loss.transAxes)
-    for ax in (ax_acc, ax_loss):
-        if ax.get_lines():
-            ax.legend(fontsize=7)
-    return fig
+        ax.text(0.5, 0.5, "no diag/block_acc logged\n(train --diagnose_every_n_epochs N)", ha="center",
+                va="center", transform=ax.transAxes)
+    ax.set(xlabel="end-to-end epochs (dblock: epochs / B)", ylabel="accuracy (%)",
+           title="Each block at its own noise range (true label state + noise)")
+    ax.grid(alpha=0.3)
+
+
+def draw_losses(ax, run: Run, colours: list) -> None:
+    """One run's training cross-entropy: faint raw points, a smoothed line per block (black for the vit)."""
+    curves = loss_curves(run)
+    for block, (steps, losses) in curves.items():
+        colour = "black" if block is None else colours[block]
+        label = "cross-entropy" if block is None else f"block {block}"
+        window = max(1, len(losses) // 15)
+        ax.plot(steps, losses, color=colour, alpha=0.25, lw=0.8, marker="o" if len(steps) == 1 else None)
+        ax.plot(steps, plotting.smoothed(losses, window), color=colour, lw=1.6, label=label)
+    if curves:
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no training loss logged", ha="center", va="center", transform=ax.transAxes)
+    ax.set(title=run.name, xlabel="end-to-end steps (dblock: steps / B)", ylabel="training cross-entropy")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)

@@ -31,7 +31,7 @@ def train(configs: Configs, flags: dict, callbacks: tuple[pl.Callback, ...] = ()
     if is_launching_process():
         read_data_first(dm)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = training_trainer(configs, module, run_dir, callbacks)
+    trainer = training_trainer(configs, module, run_dir, (*callbacks, *diagnostic_callbacks(configs)))
     if trainer.is_global_zero:
         save_resolved_config(run_dir, flags)
         if configs.model.model_type == "dblock":
@@ -55,6 +55,8 @@ def check_training(configs: Configs) -> None:
         )
     if m.train_blocks is not None and m.model_type != "dblock":
         raise UserError("--train_blocks needs --model_type dblock")
+    if r.diagnose_every_n_epochs is not None and m.model_type != "dblock":
+        raise UserError("--diagnose_every_n_epochs measures dblock's blocks: drop it or use --model_type dblock")
     check_scheduler(o.scheduler_type, o.num_warmup_steps, o.scheduler_specific_kwargs)
 
 
@@ -75,6 +77,17 @@ def training_scoring(configs: Configs, hparams: dict, dm: ImageDataModule) -> Sc
     schedule = evaluation_schedule(dm.has_validation_split, r.save_every_n_epochs, r.eval_every_n_epochs)
     predicts = make_objective(spec_from_hparams(hparams)).covers_all_blocks
     return Scoring(schedule=schedule if predicts else {}, sampler_seed=configs.model.seed)
+
+
+def diagnostic_callbacks(configs: Configs) -> tuple[pl.Callback, ...]:
+    """The blocks-in-isolation curve of --diagnose_every_n_epochs, if asked for."""
+    from callbacks import BlockDiagnostics
+
+    r = configs.run
+    if r.diagnose_every_n_epochs is None:
+        return ()
+    return (BlockDiagnostics(r.diagnose_every_n_epochs, r.diagnose_images, configs.model.seed, r.eval_batch_size
+                             or r.batch_size),)
 
 
 def find_run(configs: Configs, module: LitClassifier) -> tuple[Path, str | None]:

@@ -85,7 +85,8 @@ def test_ensemble_averages_probabilities_and_logits_separately():
     rows = diagnostics.ensemble([draw1, draw2], labels)
     assert [r["samples"] for r in rows] == [1, 2]
     assert rows[0]["accuracy_mean_probs"] == rows[0]["accuracy_mean_logits"] == rows[0]["accuracy_single_draw"] == 1.0
-    assert (rows[1]["accuracy_mean_probs"], rows[1]["accuracy_mean_logits"], rows[1]["accuracy_single_draw"]) == (1.0, 0.0, 0.0)
+    second = rows[1]
+    assert (second["accuracy_mean_probs"], second["accuracy_mean_logits"], second["accuracy_single_draw"]) == (1, 0, 0)
 
 
 def test_oracle_sigmas_span_the_whole_range_with_points_inside_every_block():

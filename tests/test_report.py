@@ -11,6 +11,7 @@ import yaml
 
 import dblock
 import main
+import plotting
 import report
 from cli_helpers import assert_one_line_error, run_cli, train_args
 from dblock import block_for_step
@@ -140,27 +141,40 @@ def test_plot_has_one_line_per_run_and_block(runs, tmp_path):
     logs = (
         ("version_2", ["epoch,step,eval/acc", "0,4,0.10", "1,8,0.20"]),
         ("version_10", ["epoch,step,eval/acc", "1,8,0.25", "2,12,0.30"]),
+        ("version_11", ["epoch,step,diag/block_acc_0,diag/block_acc_1,diag/block_acc_2", "2,12,0.5,0.75,1.0"]),
     )
     for version, lines in logs:
         (evals / "csv" / version).mkdir()
         (evals / "csv" / version / "metrics.csv").write_text("\n".join(lines) + "\n")
     loaded = [report.load_run(str(p)) for p in (*runs.values(), evals)]
     fig = report.plot_runs(loaded)
-    ax_acc, ax_loss = fig.axes
+    ax_acc, ax_diag, *panels = fig.axes
     acc_lines = {line.get_label(): line for line in ax_acc.get_lines()}
     assert set(acc_lines) == {"evals", "paper cifar100 vit 1 (12)", "paper cifar100 dblock 3 (4,4,4)"}
-    assert list(acc_lines["evals"].get_xdata()) == [0, 1, 2]
+    # a dblock epoch trains one of B = 3 blocks: epochs 0, 1, 2 done are 1/3, 2/3 and 1 end-to-end epochs
+    assert list(acc_lines["evals"].get_xdata()) == pytest.approx([1 / 3, 2 / 3, 1])
     assert list(acc_lines["evals"].get_ydata()) == pytest.approx([10, 25, 30])
-    loss_lines = {line.get_label(): line for line in ax_loss.get_lines()}
-    expected = {"vit", "untested"}
-    expected |= {f"{name} block {b}" for name in ("dblock", "evals") for b in blocks_trained(6)}
-    expected |= {f"unfinished block {b}" for b in blocks_trained(5)}  # steps 0-4 logged, step 5 failed
-    assert set(loss_lines) == expected  # the crashed run logged no loss: no line
-    for b in blocks_trained(6):  # a block's curve holds only the steps that trained it, not Lightning's repeated values
-        trained = [s for s in range(6) if block_for_step(SEED, s, 3) == b]
-        assert list(loss_lines[f"dblock block {b}"].get_xdata()) == trained
-    assert list(loss_lines["vit"].get_xdata()) == [0, 1]
-    assert report.render_png(fig).startswith(PNG_MAGIC)
+    diag = {line.get_label(): line for line in ax_diag.get_lines()}  # only evals logged diag/block_acc_<b>
+    assert set(diag) == {"evals block 0", "evals block 1", "evals block 2"}
+    assert [list(diag[f"evals block {b}"].get_ydata()) for b in range(3)] == [[50.0], [75.0], [100.0]]
+    assert list(diag["evals block 0"].get_xdata()) == [1.0]
+    assert [ax.get_title() for ax in panels] == [run.name for run in loaded]  # one small panel per run
+    colours = plotting.block_colours(3)
+    assert [tuple(diag[f"evals block {b}"].get_color()) for b in range(3)] == [tuple(c) for c in colours]
+    by_run = {ax.get_title(): {line.get_label(): line for line in ax.get_lines()} for ax in panels}
+    for name in ("dblock", "evals"):
+        smooth = {k: v for k, v in by_run[name].items() if not k.startswith("_")}
+        assert set(smooth) == {f"block {b}" for b in blocks_trained(6)}
+        for b in blocks_trained(6):  # a block's curve holds only the steps that trained it, in end-to-end steps
+            line = smooth[f"block {b}"]
+            trained = [s / 3 for s in range(6) if block_for_step(SEED, s, 3) == b]
+            assert list(line.get_xdata()) == pytest.approx(trained)
+            assert tuple(line.get_color()) == tuple(colours[b])  # the same colour for a block in every panel
+    assert {k for k in by_run["unfinished"] if not k.startswith("_")} == {f"block {b}" for b in blocks_trained(5)}
+    assert {k for k in by_run["vit"] if not k.startswith("_")} == {"cross-entropy"}
+    assert list(by_run["vit"]["cross-entropy"].get_xdata()) == [0, 1]
+    assert not by_run["crashed"]  # the crashed run logged no loss: an empty panel
+    assert plotting.render_png(fig).startswith(PNG_MAGIC)
 
 
 def row_with_config(run: Path, config: dict, capsys) -> dict[str, str]:
