@@ -14,7 +14,7 @@ the EDM scalings and returns the denoised label state D_x = c_skip * z + c_out *
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,8 @@ from seeds import mix_seed
 from vit import ArchConfig
 
 NOISE_FEATURES = 256  # width of the sinusoidal noise-level features
+# A per-sample training loss (N,) of (logits, labels, denoised label state D_x, clean target), e.g. losses.Criterion.
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -329,9 +331,20 @@ class DiffusionBlocksViT(NoisePartition, nn.Module):
         D_x = edm.append_dims(c_skip, z.ndim) * z + edm.append_dims(c_out, z.ndim) * F_x.to(torch.float32)
         return D_x, self.head(D_x, cond)
 
-    def forward(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int) -> torch.Tensor:
-        """Logits (N, num_labels) of the denoised label state, running only `block`'s layers."""
-        return self.denoise_and_classify(images, z, sigma, block)[1]
+    def forward(
+        self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int, denoised: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, num_labels) of the denoised label state, running only `block`'s layers; with `denoised`, the
+        pair (D_x, logits) of denoise_and_classify (so --compile, which compiles forward, covers the training loss)."""
+        D_x, logits = self.denoise_and_classify(images, z, sigma, block)
+        return (D_x, logits) if denoised else logits
+
+
+def tie_block_layers(model: DiffusionBlocksViT) -> None:
+    """Weight tying (--weight_tied): every block runs block 0's layers, the same modules and storages, so a step of
+    any block trains them; each block keeps its own noise range."""
+    for b in range(1, len(model.blocks)):
+        model.blocks[b] = model.blocks[0]
 
 
 class AssembledBlocks(NoisePartition, nn.Module):
@@ -357,9 +370,11 @@ class AssembledBlocks(NoisePartition, nn.Module):
         """D_x and logits of `block`'s denoiser, run by the job that trained it."""
         return self.members[self.owner[block]].denoise_and_classify(images, z, sigma, block)
 
-    def forward(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int) -> torch.Tensor:
-        """Logits of `block`'s denoiser, run by the job that trained it."""
-        return self.members[self.owner[block]](images, z, sigma, block)
+    def forward(
+        self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int, denoised: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (with `denoised`: D_x and logits) of `block`'s denoiser, run by the job that trained it."""
+        return self.members[self.owner[block]](images, z, sigma, block, denoised)
 
 
 def block_table(model: NoisePartition) -> list[dict]:
@@ -401,13 +416,21 @@ def denoising_losses(
     sigma: torch.Tensor,
     eps: torch.Tensor,
     block: int,
+    criterion: Criterion | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample cross-entropy (N,) of one block denoising target + sigma * eps, and the EDM weights w(sigma) (N,)."""
+    """Per-sample loss (N,) of one block denoising target + sigma * eps, and the EDM weights w(sigma) (N,).
+
+    The loss is `criterion(logits, labels, D_x, target)` (losses.Criterion), or the released cross-entropy of the
+    logits when None.
+    """
     target = model.clean_targets(labels)  # (N, D)
     z = target + edm.append_dims(sigma, 2) * eps
-    logits = model(images, z, sigma, block)
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
-    return ce, edm.loss_weight(sigma, model.edm_cfg.sigma_data)
+    D_x, logits = model(images, z, sigma, block, denoised=True)
+    if criterion is None:
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")
+    else:
+        loss = criterion(logits, labels, D_x, target)
+    return loss, edm.loss_weight(sigma, model.edm_cfg.sigma_data)
 
 
 def block_losses(
@@ -417,8 +440,11 @@ def block_losses(
     block: int,
     generator: torch.Generator | None = None,
     class_dropout_prob: float = 0.0,
+    criterion: Criterion | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample training losses of one block: (CE (N,), EDM weight (N,), sigma (N,)); the caller reduces them.
+    """Per-sample training losses of one block: (loss (N,), EDM weight (N,), sigma (N,)); the caller reduces them.
+
+    The loss is the released cross-entropy unless a `criterion` is given (see denoising_losses).
 
     Sigmas, then noise, then image dropout (images blanked with `class_dropout_prob`, for guidance) are drawn
     from `generator`, in that order.
@@ -430,8 +456,8 @@ def block_losses(
     if model.training and class_dropout_prob > 0:
         keep = torch.rand(n, device=images.device, generator=generator) >= class_dropout_prob
         images = images * edm.append_dims(keep, images.ndim).to(images.dtype)
-    ce, w = denoising_losses(model, images, labels, sigma, eps, block)
-    return ce, w, sigma
+    loss, w = denoising_losses(model, images, labels, sigma, eps, block, criterion)
+    return loss, w, sigma
 
 
 def reduce_loss(ce: torch.Tensor, w: torch.Tensor, batch_mean_loss_weight: bool) -> torch.Tensor:

@@ -7,12 +7,14 @@ error of the predicted distribution.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-Loss = Literal["ce", "mse", "brier"]
+from flags import Loss
+
 LOSSES = get_args(Loss)
 
 
@@ -44,6 +46,20 @@ def per_sample_loss(
     if kind == "brier":
         return brier(logits, labels)
     raise ValueError(f"unknown loss {kind!r}: choose one of {', '.join(LOSSES)}")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """The per-sample loss of `--loss` and `--label_smoothing`, called as the denoiser's loss (dblock.Criterion)."""
+
+    kind: str
+    label_smoothing: float
+
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, denoised: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return per_sample_loss(self.kind, logits, labels, denoised, target, self.label_smoothing)
 
 
 def clamp_weight(weight: torch.Tensor, max_loss_weight: float | None) -> torch.Tensor:

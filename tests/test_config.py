@@ -16,7 +16,7 @@ from vit import ArchConfig
 OWN_DEFAULTS = {
     ("bench", "num_workers"),  # loader workers of the loader measurement only
     # test: None means "the checkpoint's value"
-    ("test", "model_type"), ("test", "cfg_scale"), ("test", "raw_embedding_bridge"),
+    ("test", "model_type"), ("test", "cfg_scale"), ("test", "raw_embedding_bridge"), ("test", "use_ema"),
 }
 
 
