@@ -194,6 +194,13 @@ def lever_values(m: ModelConfig) -> dict:
     return {key: getattr(m, key) for key in LEVER_FLAGS}
 
 
+def lever_text(values: dict) -> str:
+    """The levers set away from train's defaults, as flags (`--loss mse --ema_decay 0.999`); "" for the released
+    defaults. `values` maps flag names to values; missing ones are the defaults."""
+    changed = {k: values[k] for k in LEVER_FLAGS if k in values and values[k] != lever_defaults()[k]}
+    return " ".join(f"--{k}" if v is True else f"--{k} {str(v).lower()}" for k, v in changed.items())
+
+
 def lever_defaults() -> dict:
     """Train's defaults of the training levers (what a checkpoint lacking one of them was trained with)."""
     return {key: default_flags("train")[key] for key in LEVER_FLAGS}
