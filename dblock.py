@@ -13,7 +13,9 @@ the EDM scalings and returns the denoised label state D_x = c_skip * z + c_out *
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -345,6 +347,17 @@ def tie_block_layers(model: DiffusionBlocksViT) -> None:
     any block trains them; each block keeps its own noise range."""
     for b in range(1, len(model.blocks)):
         model.blocks[b] = model.blocks[0]
+    model._register_load_state_dict_pre_hook(functools.partial(fill_tied_entries, num_blocks=len(model.blocks)))
+
+
+def fill_tied_entries(state_dict: dict, prefix: str, *args, num_blocks: int) -> None:
+    """Load a weight-tied model's weights saved once (safetensors keeps one name of a shared tensor): each of the
+    `num_blocks` blocks' entries missing from `state_dict` is the saved block's."""
+    pattern = re.compile(re.escape(prefix) + r"blocks\.\d+\.(.*)")
+    saved = {m.group(1): state_dict[key] for key in list(state_dict) if (m := pattern.fullmatch(key))}
+    for b in range(num_blocks):
+        for rest, value in saved.items():
+            state_dict.setdefault(f"{prefix}blocks.{b}.{rest}", value)
 
 
 class AssembledBlocks(NoisePartition, nn.Module):
