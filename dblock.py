@@ -490,6 +490,28 @@ def guided_logits(
     return uncond + cfg_scale * (cond - uncond)
 
 
+def guided_denoised(
+    model: DiffusionBlocksViT, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int, cfg_scale: float
+) -> torch.Tensor:
+    """The denoised label state D_x (N, D), guided as guided_logits guides the logits (s = 0: guidance off)."""
+    cond = model(images, z, sigma, block, denoised=True)[0]
+    if cfg_scale == 0.0:
+        return cond
+    uncond = model(torch.zeros_like(images), z, sigma, block, denoised=True)[0]
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def distance_logits(denoised: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Class logits of a label state read directly (models trained with --loss mse): minus its squared distance to
+    each clean label embedding (N, num_labels); the nearest embedding wins."""
+    return -torch.cdist(denoised.float()[None], targets.float()[None])[0] ** 2
+
+
+# How the sampler reads a label state: "bridge" (released: softmax of the head's logits mixed over the label table)
+# or "denoised" (EDM's own sampler, for --loss mse: the denoised state D_x itself, classified by distance_logits).
+READOUTS = ("bridge", "denoised")
+
+
 def sampler_grid(num_steps: int, cfg: edm.EDMConfig) -> list[float]:
     """The inference sigmas rounded to float32, as the released sampler holds them (this decides boundary routing)."""
     return torch.tensor(edm.inference_sigmas(num_steps, cfg), dtype=torch.float32).tolist()
@@ -504,7 +526,8 @@ class SamplerStep:
     block: int
     z: torch.Tensor  # (N, D) label state entering the step
     logits: torch.Tensor  # (N, num_labels) guided logits of the state
-    denoised: torch.Tensor  # (N, D) bridge estimate softmax(logits) @ table, the Euler step's target
+    # (N, D) the Euler step's target: the bridge estimate softmax(logits) @ table, or D_x (the "denoised" readout)
+    denoised: torch.Tensor
 
 
 @torch.no_grad()
@@ -515,11 +538,13 @@ def sampler_steps(
     cfg_scale: float = 0.0,
     generator: torch.Generator | None = None,
     z0: torch.Tensor | None = None,
+    readout: str = READOUTS[0],
 ) -> Iterator[SamplerStep]:
     """Euler sampler over the CDF-spaced sigma grid, yielding every step; each sigma is denoised by the block whose
     range holds it, and the last step's logits are the prediction.
 
-    z0 is the unscaled starting noise (N, D); drawn from `generator` when not given.
+    z0 is the unscaled starting noise (N, D); drawn from `generator` when not given. `readout` (READOUTS) says
+    what a step's state is read as.
     """
     sigmas = sampler_grid(num_steps, model.edm_cfg)
     n, d = images.shape[0], model.arch.hidden_size
@@ -527,10 +552,16 @@ def sampler_steps(
         z0 = torch.randn(n, d, device=images.device, generator=generator)
     z = z0 * math.sqrt(1.0 + sigmas[0] ** 2)
     table = model.bridge_table()
+    targets = model.clean_targets(torch.arange(table.shape[0], device=images.device))  # (num_labels, D)
     for i, sigma in enumerate(sigmas):
         block = model.block_of_sigma(sigma)
-        logits = guided_logits(model, images, z, torch.full((n,), sigma, device=images.device), block, cfg_scale)
-        denoised = logits.float().softmax(dim=-1) @ table.float()  # (N, D)
+        sigma_n = torch.full((n,), sigma, device=images.device)
+        if readout == "denoised":
+            denoised = guided_denoised(model, images, z, sigma_n, block, cfg_scale)  # (N, D)
+            logits = distance_logits(denoised, targets)
+        else:
+            logits = guided_logits(model, images, z, sigma_n, block, cfg_scale)
+            denoised = logits.float().softmax(dim=-1) @ table.float()  # (N, D)
         yield SamplerStep(i, sigma, block, z, logits, denoised)
         if i + 1 < len(sigmas):
             z = edm.euler_step(z, denoised, sigma, sigmas[i + 1])
@@ -543,8 +574,9 @@ def sample_logits(
     cfg_scale: float = 0.0,
     generator: torch.Generator | None = None,
     z0: torch.Tensor | None = None,
+    readout: str = READOUTS[0],
 ) -> torch.Tensor:
     """Class logits (N, num_labels) of the sampler's last step (see sampler_steps)."""
-    for step in sampler_steps(model, images, num_steps, cfg_scale, generator, z0):
+    for step in sampler_steps(model, images, num_steps, cfg_scale, generator, z0, readout):
         pass
     return step.logits

@@ -227,9 +227,15 @@ class DBlockObjective:
         return [p for p in (*model.blocks[block].parameters(), *model.shared_parameters()) if p.requires_grad]
 
     def predict(self, model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The Euler sampler's logits, its starting noise drawn from `generator`."""
+        """The Euler sampler's logits, its starting noise drawn from `generator`; a model trained with --loss mse (whose
+        head never trains) is read through its denoised state."""
         steps, cfg_scale = self.inference_steps, self.spec.sampler.cfg_scale
-        return dblock.sample_logits(model, images, steps, cfg_scale, generator=generator)
+        return dblock.sample_logits(model, images, steps, cfg_scale, generator=generator, readout=self.readout)
+
+    @property
+    def readout(self) -> str:
+        """How the sampler reads a label state (dblock.READOUTS): the denoised state itself for --loss mse."""
+        return "denoised" if self.spec.model.loss == "mse" else "bridge"
 
     def metric_fields(self) -> dict:
         """metrics.json records the sampler steps it scored with."""

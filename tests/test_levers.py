@@ -331,3 +331,27 @@ def test_bench_measures_the_weight_tied_variant(cifar_dir, capsys):
     assert layers > 0 and tied["breakdown"]["parameters"] < untied["breakdown"]["parameters"]
     assert "dblock-weight-tied" in out and f"dblock-weight-tied {tied['num_parameters']:,}" in out
     assert math.isfinite(tied["train_step_s"])
+
+
+def test_an_mse_model_predicts_through_its_denoised_state():
+    """--loss mse never trains the head: the sampler steps on D_x (EDM's sampler) and classifies the last D_x by its
+    distance to the clean label embeddings."""
+    import edm
+
+    module = lit(loss="mse")
+    model, images = module.model, fixed_batch(4)[0]
+    with torch.no_grad():
+        for p in model.parameters():  # away from the zero initialisation, so D_x depends on the image
+            p.add_(0.05 * torch.randn_like(p))
+        z0 = torch.randn(4, ARCH["hidden_size"], generator=torch.Generator().manual_seed(3))
+        predicted = module.objective.predict(model, images, torch.Generator().manual_seed(3))
+        sigmas = dblock.sampler_grid(3, model.edm_cfg)
+        z = z0 * math.sqrt(1 + sigmas[0] ** 2)
+        for i, sigma in enumerate(sigmas):
+            D_x = model.denoise_and_classify(images, z, torch.full((4,), sigma), model.block_of_sigma(sigma))[0]
+            if i + 1 < len(sigmas):
+                z = edm.euler_step(z, D_x, sigma, sigmas[i + 1])
+        targets = torch.nn.functional.normalize(model.label_embed.weight, dim=-1)
+        expected = -((D_x[:, None] - targets[None]) ** 2).sum(-1)
+    assert torch.allclose(predicted, expected, atol=1e-5)
+    assert not torch.allclose(predicted, predicted[:1])  # the images are told apart (the head alone gives zeros)
