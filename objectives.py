@@ -192,10 +192,15 @@ class DBlockObjective:
         return self.spec.sampler.num_inference_steps or self.spec.dblock.num_blocks
 
     def build_model(self) -> nn.Module:
-        """The DiffusionBlocks ViT (joint, an independent job's blocks, or an assembly of jobs)."""
+        """The DiffusionBlocks ViT (joint, an independent job's blocks, or an assembly of jobs); under --loss mse its
+        label table is frozen at its initialisation."""
         s = self.spec
         m = s.model
-        return build_dblock(s.arch, s.num_labels, s.dblock, m.seed, m.train_blocks, s.member_blocks, m.weight_tied)
+        model = build_dblock(s.arch, s.num_labels, s.dblock, m.seed, m.train_blocks, s.member_blocks, m.weight_tied)
+        if m.loss == "mse" and s.member_blocks is None:
+            # The squared error to a learnt target collapses: equal rows of the table make it zero for any D_x.
+            model.label_embed.weight.requires_grad_(False)
+        return model
 
     @property
     def covers_all_blocks(self) -> bool:

@@ -340,6 +340,7 @@ def test_an_mse_model_predicts_through_its_denoised_state():
 
     module = lit(loss="mse")
     model, images = module.model, fixed_batch(4)[0]
+    assert not model.label_embed.weight.requires_grad  # a learnt table would collapse onto one row
     with torch.no_grad():
         for p in model.parameters():  # away from the zero initialisation, so D_x depends on the image
             p.add_(0.05 * torch.randn_like(p))
