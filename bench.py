@@ -5,7 +5,8 @@ Four variants are measured side by side on random inputs of the dataset's shape 
 `vit` (backprop through all layers), `dblock-released` (one block trained per step, but every weight
 and AdamW moment stays on the device, as in the released program), `dblock` (this project's default:
 AdamW moments of the blocks not being trained live in host memory) and `dblock-offload-weights`
-(their weights too). Each variant is the LitClassifier `train` builds, stepped through the same objective,
+(their weights too); with `--weight_tied`, also `dblock-weight-tied` (every block runs one set of layers, so
+nothing is offloaded). Each variant is the LitClassifier `train` builds, stepped through the same objective,
 AdamW and gradient clipping as training. The data-loader pipeline of the real recipe is timed on its own.
 
 torch and the project's model code are imported inside functions, because main.py imports this
@@ -50,6 +51,8 @@ VARIANTS = {
     "dblock": Policy(offload_state=True, offload_weights=False),
     "dblock-offload-weights": Policy(offload_state=True, offload_weights=True),
 }
+WEIGHT_TIED = "dblock-weight-tied"  # measured under --weight_tied: blocks sharing their layers cannot offload them
+ALL_VARIANTS = {**VARIANTS, WEIGHT_TIED: Policy(offload_state=False, offload_weights=False)}
 RATIO_VARIANT = "dblock"  # the project's default is the one held to the targets
 # Largest acceptable dblock / vit ratio per measurement (paper's claims, SPEC section 1).
 TARGETS = {"peak_memory": 0.37, "train_step": 0.40, "infer_step": 1.15}
@@ -71,15 +74,18 @@ def run(configs, timing: Timing, output: str | None, plot: str | None) -> dict:
     """Measure every variant and the loader, print the table, write the JSON and the chart (see main.bench)."""
     from bench_render import format_report, save_plot
     from data import dataset_info
-    from objectives import check_train_blocks
+    from objectives import check_train_blocks, check_weight_tying
 
     check_train_blocks(configs.model.train_blocks, configs.dblock.num_blocks)
     configs.dblock.validate(configs.arch.num_hidden_layers)  # before any model is built
+    if configs.model.weight_tied:
+        check_weight_tying(configs.model, configs.dblock, configs.arch.num_hidden_layers)
     r = configs.run
     info = dataset_info(r.data, r.data_dir)
     device = resolve_device(r.accelerator)
     use_recipe_matmul_precision(device, r.precision)
-    results = {name: measure_variant(name, configs, info.num_classes, device, timing) for name in VARIANTS}
+    names = [*VARIANTS, *([WEIGHT_TIED] if configs.model.weight_tied else [])]
+    results = {name: measure_variant(name, configs, info.num_classes, device, timing) for name in names}
     loader = loader_throughput(
         r.data, info.image_size, configs.arch.image_size, r.batch_size, r.num_workers, timing.loader_batches,
         configs.model.seed, device,
@@ -133,7 +139,7 @@ class Variant:
     @property
     def policy(self) -> Policy:
         """What this variant keeps in host memory."""
-        return VARIANTS[self.name]
+        return ALL_VARIANTS[self.name]
 
 
 # ---- input checks -------------------------------------------------------------------------------
@@ -165,10 +171,10 @@ def build_variant(name: str, configs, num_labels: int, device) -> Variant:
     from config import to_hparams
     from module import LitClassifier, build_optimizer
 
-    policy = VARIANTS[name]
+    policy = ALL_VARIANTS[name]
     model = dataclasses.replace(
         configs.model, model_type="vit" if name == "vit" else "dblock", offload_optimizer=policy.offload_state,
-        offload_weights=policy.offload_weights,
+        offload_weights=policy.offload_weights, weight_tied=name == WEIGHT_TIED,
     )
     torch.manual_seed(configs.model.seed)  # every variant starts from the same initialisation
     module = LitClassifier(**to_hparams(dataclasses.replace(configs, model=model), num_labels)).to(device).train()
@@ -353,6 +359,7 @@ def measure_variant(name: str, configs, num_labels: int, device, timing: Timing)
         blocks = [drawn_block(v, i) for i in steps]
         train_times = [timed(functools.partial(step_and_clear, v, batch, i, b), device) for i, b in zip(steps, blocks)]
         infer_times = infer_times_of(v, batch[0], timing, configs.model.seed) if v.module.covers_all_blocks else []
+        num_parameters = sum(p.numel() for p in v.model.parameters())  # shared (weight-tied) ones counted once
     del v, batch
     gc.collect()
     if device.type == "cuda":
@@ -366,6 +373,7 @@ def measure_variant(name: str, configs, num_labels: int, device, timing: Timing)
         "train_images_per_s": configs.run.batch_size / train_s,
         "infer_images_per_s": configs.run.batch_size / infer_s if infer_s else None,
         "train_blocks": blocks,
+        "num_parameters": num_parameters,
     }
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from bench import COMPONENTS, MIB, RATIO_VARIANT, VARIANTS
+from bench import ALL_VARIANTS, COMPONENTS, MIB, RATIO_VARIANT
+
+
+def measured(report: dict) -> list[str]:
+    """The variants the report holds, in the table's order."""
+    return [name for name in ALL_VARIANTS if name in report]
 
 
 def job_note(config: dict) -> str:
@@ -42,7 +47,7 @@ def format_report(report: dict) -> str:
         header,
         "-" * len(header),
     ]
-    for name in VARIANTS:
+    for name in measured(report):
         r = report[name]
         mib = [r["breakdown"][k] / MIB for k in COMPONENTS] + [r["peak_memory_bytes"] / MIB]
         lines.append(
@@ -50,10 +55,12 @@ def format_report(report: dict) -> str:
             + f"{r['train_step_s']:>10.4f}{optional(r['infer_step_s'], 10, '.4f')}{r['train_images_per_s']:>13.1f}"
             + optional(r["infer_images_per_s"], 13, ".1f")
         )
+    counts = ", ".join(f"{name} {report[name]['num_parameters']:,}" for name in measured(report))
     fastest = report["fastest_train_variant"]
     verdict = "SLOWER than" if report["loader_slower_than_training"] else "keeps up with"
     lines += [
         "-" * len(header),
+        f"parameters: {counts}",
         f"data loader: {report['loader_images_per_s']:.1f} img/s (train_transform, {c['num_workers']} workers), "
         f"{verdict} the fastest training step ({fastest}, {report[fastest]['train_images_per_s']:.1f} img/s)",
         "",
@@ -72,7 +79,7 @@ def save_plot(report: dict, f) -> None:
 
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
-    names = list(VARIANTS)
+    names = measured(report)
     bottom = [0.0] * len(names)
     for component in COMPONENTS:
         heights = [report[n]["breakdown"][component] / MIB for n in names]

@@ -16,6 +16,9 @@ from dblock import DBlockConfig, parse_block_list, parse_layers_per_block, resol
 from errors import UserError
 from vit import ArchConfig, default_arch
 
+# The training levers' flags (issue 17), recorded in a checkpoint's hyper-parameters only where they differ from
+# train's defaults: a released-default checkpoint keeps exactly the keys every earlier one has.
+LEVER_FLAGS = ("loss", "label_smoothing", "max_loss_weight", "ema_decay", "use_ema", "weight_tied")
 ARCH_FLAGS = (
     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "image_size"
 )
@@ -55,6 +58,12 @@ class ModelConfig:
     offload_weights: bool
     compile_model: bool
     augment: str  # a record only: the data module applies it; stored so a checkpoint says how it was trained
+    loss: str  # per-sample training loss (losses.py): ce (released), mse or brier
+    label_smoothing: float  # of the ce loss
+    max_loss_weight: float | None  # dblock: cap of the EDM loss weight (None: uncapped, released)
+    ema_decay: float | None  # decay of the weights' moving average (None: no average kept)
+    use_ema: bool  # score the moving average (when kept) rather than the raw weights
+    weight_tied: bool  # dblock: every block reuses the same layers
 
 
 @dataclass(frozen=True)
@@ -178,13 +187,31 @@ def to_hparams(configs: Configs, num_labels: int, member_blocks: list[list[int]]
         "class_dropout_prob": m.class_dropout_prob, "num_inference_steps": s.num_inference_steps,
         "cfg_scale": s.cfg_scale, "offload_optimizer": m.offload_optimizer, "offload_weights": m.offload_weights,
         "compile_model": m.compile_model, "augment": m.augment,
+        **{key: value for key, value in lever_values(m).items() if value != lever_defaults()[key]},
     }
+
+
+def lever_values(m: ModelConfig) -> dict:
+    """The training levers' values of a model config, by flag name."""
+    return {key: getattr(m, key) for key in LEVER_FLAGS}
+
+
+def lever_text(values: dict) -> str:
+    """The levers set away from train's defaults, as flags (`--loss mse --ema_decay 0.999`); "" for the released
+    defaults. `values` maps flag names to values; missing ones are the defaults."""
+    changed = {k: values[k] for k in LEVER_FLAGS if k in values and values[k] != lever_defaults()[k]}
+    return " ".join(f"--{k}" if v is True else f"--{k} {str(v).lower()}" for k, v in changed.items())
+
+
+def lever_defaults() -> dict:
+    """Train's defaults of the training levers (what a checkpoint lacking one of them was trained with)."""
+    return {key: default_flags("train")[key] for key in LEVER_FLAGS}
 
 
 def default_hparams() -> dict:
     """Hyper-parameters a checkpoint may lack (older ones, the released program's): train's defaults.
 
-    `num_labels` has no default: every checkpoint records it.
+    `num_labels` has no default: every checkpoint records it; the levers' (LEVER_FLAGS) are in lever_defaults.
     """
     hparams = to_hparams(default_configs(), num_labels=0)
     del hparams["num_labels"]
@@ -216,7 +243,8 @@ def spec_from_hparams(hparams: dict) -> ModelSpec:
         raw_embedding_bridge=hparams["raw_embedding_bridge"],
     )
     return ModelSpec(
-        model=pick(ModelConfig, hparams), arch=ArchConfig(**hparams["arch"]), num_labels=hparams["num_labels"],
+        model=pick(ModelConfig, {**lever_defaults(), **hparams}), arch=ArchConfig(**hparams["arch"]),
+        num_labels=hparams["num_labels"],
         dblock=dcfg,
         optim=pick(OptimConfig, {**hparams, "optimizer": optimizer, "scheduler_specific_kwargs": kwargs}),
         sampler=pick(SamplerConfig, hparams), member_blocks=hparams["member_blocks"],

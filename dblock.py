@@ -13,8 +13,10 @@ the EDM scalings and returns the denoised label state D_x = c_skip * z + c_out *
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,8 @@ NOISE_FEATURES = 256  # width of the sinusoidal noise-level features
 # B when neither --num_blocks nor --layers_per_block is given (released); train's --num_blocks defaults to None
 # because the layout's length is the other default.
 RELEASED_NUM_BLOCKS = 3
+# A per-sample training loss (N,) of (logits, labels, denoised label state D_x, clean target), e.g. losses.Criterion.
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -337,9 +341,31 @@ class DiffusionBlocksViT(NoisePartition, nn.Module):
         D_x = edm.append_dims(c_skip, z.ndim) * z + edm.append_dims(c_out, z.ndim) * F_x.to(torch.float32)
         return D_x, self.head(D_x, cond)
 
-    def forward(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int) -> torch.Tensor:
-        """Logits (N, num_labels) of the denoised label state, running only `block`'s layers."""
-        return self.denoise_and_classify(images, z, sigma, block)[1]
+    def forward(
+        self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int, denoised: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, num_labels) of the denoised label state, running only `block`'s layers; with `denoised`, the
+        pair (D_x, logits) of denoise_and_classify (so --compile, which compiles forward, covers the training loss)."""
+        D_x, logits = self.denoise_and_classify(images, z, sigma, block)
+        return (D_x, logits) if denoised else logits
+
+
+def tie_block_layers(model: DiffusionBlocksViT) -> None:
+    """Weight tying (--weight_tied): every block runs block 0's layers, the same modules and storages, so a step of
+    any block trains them; each block keeps its own noise range."""
+    for b in range(1, len(model.blocks)):
+        model.blocks[b] = model.blocks[0]
+    model._register_load_state_dict_pre_hook(functools.partial(fill_tied_entries, num_blocks=len(model.blocks)))
+
+
+def fill_tied_entries(state_dict: dict, prefix: str, *args, num_blocks: int) -> None:
+    """Load a weight-tied model's weights saved once (safetensors keeps one name of a shared tensor): each of the
+    `num_blocks` blocks' entries missing from `state_dict` is the saved block's."""
+    pattern = re.compile(re.escape(prefix) + r"blocks\.\d+\.(.*)")
+    saved = {m.group(1): state_dict[key] for key in list(state_dict) if (m := pattern.fullmatch(key))}
+    for b in range(num_blocks):
+        for rest, value in saved.items():
+            state_dict.setdefault(f"{prefix}blocks.{b}.{rest}", value)
 
 
 class AssembledBlocks(NoisePartition, nn.Module):
@@ -365,9 +391,11 @@ class AssembledBlocks(NoisePartition, nn.Module):
         """D_x and logits of `block`'s denoiser, run by the job that trained it."""
         return self.members[self.owner[block]].denoise_and_classify(images, z, sigma, block)
 
-    def forward(self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int) -> torch.Tensor:
-        """Logits of `block`'s denoiser, run by the job that trained it."""
-        return self.members[self.owner[block]](images, z, sigma, block)
+    def forward(
+        self, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int, denoised: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (with `denoised`: D_x and logits) of `block`'s denoiser, run by the job that trained it."""
+        return self.members[self.owner[block]](images, z, sigma, block, denoised)
 
 
 def block_table(model: NoisePartition) -> list[dict]:
@@ -409,13 +437,21 @@ def denoising_losses(
     sigma: torch.Tensor,
     eps: torch.Tensor,
     block: int,
+    criterion: Criterion | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample cross-entropy (N,) of one block denoising target + sigma * eps, and the EDM weights w(sigma) (N,)."""
+    """Per-sample loss (N,) of one block denoising target + sigma * eps, and the EDM weights w(sigma) (N,).
+
+    The loss is `criterion(logits, labels, D_x, target)` (losses.Criterion), or the released cross-entropy of the
+    logits when None.
+    """
     target = model.clean_targets(labels)  # (N, D)
     z = target + edm.append_dims(sigma, 2) * eps
-    logits = model(images, z, sigma, block)
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
-    return ce, edm.loss_weight(sigma, model.edm_cfg.sigma_data)
+    D_x, logits = model(images, z, sigma, block, denoised=True)
+    if criterion is None:
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")
+    else:
+        loss = criterion(logits, labels, D_x, target)
+    return loss, edm.loss_weight(sigma, model.edm_cfg.sigma_data)
 
 
 def block_losses(
@@ -425,8 +461,11 @@ def block_losses(
     block: int,
     generator: torch.Generator | None = None,
     class_dropout_prob: float = 0.0,
+    criterion: Criterion | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample training losses of one block: (CE (N,), EDM weight (N,), sigma (N,)); the caller reduces them.
+    """Per-sample training losses of one block: (loss (N,), EDM weight (N,), sigma (N,)); the caller reduces them.
+
+    The loss is the released cross-entropy unless a `criterion` is given (see denoising_losses).
 
     Sigmas, then noise, then image dropout (images blanked with `class_dropout_prob`, for guidance) are drawn
     from `generator`, in that order.
@@ -438,8 +477,8 @@ def block_losses(
     if model.training and class_dropout_prob > 0:
         keep = torch.rand(n, device=images.device, generator=generator) >= class_dropout_prob
         images = images * edm.append_dims(keep, images.ndim).to(images.dtype)
-    ce, w = denoising_losses(model, images, labels, sigma, eps, block)
-    return ce, w, sigma
+    loss, w = denoising_losses(model, images, labels, sigma, eps, block, criterion)
+    return loss, w, sigma
 
 
 def reduce_loss(ce: torch.Tensor, w: torch.Tensor, batch_mean_loss_weight: bool) -> torch.Tensor:
@@ -459,6 +498,28 @@ def guided_logits(
     return uncond + cfg_scale * (cond - uncond)
 
 
+def guided_denoised(
+    model: DiffusionBlocksViT, images: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, block: int, cfg_scale: float
+) -> torch.Tensor:
+    """The denoised label state D_x (N, D), guided as guided_logits guides the logits (s = 0: guidance off)."""
+    cond = model(images, z, sigma, block, denoised=True)[0]
+    if cfg_scale == 0.0:
+        return cond
+    uncond = model(torch.zeros_like(images), z, sigma, block, denoised=True)[0]
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def distance_logits(denoised: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Class logits of a label state read directly (models trained with --loss mse): minus its squared distance to
+    each clean label embedding (N, num_labels); the nearest embedding wins."""
+    return -torch.cdist(denoised.float()[None], targets.float()[None])[0] ** 2
+
+
+# How the sampler reads a label state: "bridge" (released: softmax of the head's logits mixed over the label table)
+# or "denoised" (EDM's own sampler, for --loss mse: the denoised state D_x itself, classified by distance_logits).
+READOUTS = ("bridge", "denoised")
+
+
 def sampler_grid(num_steps: int, cfg: edm.EDMConfig) -> list[float]:
     """The inference sigmas rounded to float32, as the released sampler holds them (this decides boundary routing)."""
     return torch.tensor(edm.inference_sigmas(num_steps, cfg), dtype=torch.float32).tolist()
@@ -473,7 +534,8 @@ class SamplerStep:
     block: int
     z: torch.Tensor  # (N, D) label state entering the step
     logits: torch.Tensor  # (N, num_labels) guided logits of the state
-    denoised: torch.Tensor  # (N, D) bridge estimate softmax(logits) @ table, the Euler step's target
+    # (N, D) the Euler step's target: the bridge estimate softmax(logits) @ table, or D_x (the "denoised" readout)
+    denoised: torch.Tensor
 
 
 @torch.no_grad()
@@ -484,11 +546,13 @@ def sampler_steps(
     cfg_scale: float = 0.0,
     generator: torch.Generator | None = None,
     z0: torch.Tensor | None = None,
+    readout: str = READOUTS[0],
 ) -> Iterator[SamplerStep]:
     """Euler sampler over the CDF-spaced sigma grid, yielding every step; each sigma is denoised by the block whose
     range holds it, and the last step's logits are the prediction.
 
-    z0 is the unscaled starting noise (N, D); drawn from `generator` when not given.
+    z0 is the unscaled starting noise (N, D); drawn from `generator` when not given. `readout` (READOUTS) says
+    what a step's state is read as.
     """
     sigmas = sampler_grid(num_steps, model.edm_cfg)
     n, d = images.shape[0], model.arch.hidden_size
@@ -496,10 +560,16 @@ def sampler_steps(
         z0 = torch.randn(n, d, device=images.device, generator=generator)
     z = z0 * math.sqrt(1.0 + sigmas[0] ** 2)
     table = model.bridge_table()
+    targets = model.clean_targets(torch.arange(table.shape[0], device=images.device))  # (num_labels, D)
     for i, sigma in enumerate(sigmas):
         block = model.block_of_sigma(sigma)
-        logits = guided_logits(model, images, z, torch.full((n,), sigma, device=images.device), block, cfg_scale)
-        denoised = logits.float().softmax(dim=-1) @ table.float()  # (N, D)
+        sigma_n = torch.full((n,), sigma, device=images.device)
+        if readout == "denoised":
+            denoised = guided_denoised(model, images, z, sigma_n, block, cfg_scale)  # (N, D)
+            logits = distance_logits(denoised, targets)
+        else:
+            logits = guided_logits(model, images, z, sigma_n, block, cfg_scale)
+            denoised = logits.float().softmax(dim=-1) @ table.float()  # (N, D)
         yield SamplerStep(i, sigma, block, z, logits, denoised)
         if i + 1 < len(sigmas):
             z = edm.euler_step(z, denoised, sigma, sigmas[i + 1])

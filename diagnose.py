@@ -49,11 +49,11 @@ def draw_generator(seed: int, draw: int, device: torch.device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(seed + draw * SECOND_DRAW_SALT)
 
 
-def sampler_pass(
-    model, images: torch.Tensor, num_steps: int, cfg_scale: float, generator: torch.Generator, record: list
-) -> None:
+def sampler_pass(model, images: torch.Tensor, num_steps: int, plan: "Plan", generator: torch.Generator,
+                 record: list) -> None:
     """Run the sampler on one batch and append each step's (block, sigma, logits) to `record` (one entry per step)."""
-    for index, step in enumerate(dblock.sampler_steps(model, images, num_steps, cfg_scale, generator=generator)):
+    steps = dblock.sampler_steps(model, images, num_steps, plan.cfg_scale, generator=generator, readout=plan.readout)
+    for index, step in enumerate(steps):
         if len(record) <= index:
             record.append((step.block, step.sigma, []))
         record[index][2].append(step.logits.float().cpu())
@@ -103,7 +103,7 @@ def collect(model, loader, plan: "Plan", device: torch.device, progress) -> Coll
             continue
         for (n, k), g in generators.items():
             record = out.steps.setdefault((n, k), [])
-            _, seconds = timed(device, lambda: sampler_pass(model, images, n, plan.cfg_scale, g, record))
+            _, seconds = timed(device, lambda: sampler_pass(model, images, n, plan, g, record))
             if k == 0:
                 out.sampler_seconds[n] = out.sampler_seconds.get(n, 0.0) + seconds
         one_call = lambda: model(images, torch.randn(len(labels), model.arch.hidden_size, device=device),  # noqa: E731
@@ -124,6 +124,7 @@ class Plan:
     num_samples: int
     seed: int
     cfg_scale: float
+    readout: str = dblock.READOUTS[0]  # how the sampler reads the class: the released bridge, or D_x (--loss mse)
     sigmas: tuple[float, ...] = ()
     oracle_blocks: tuple[int, ...] = ()
 
@@ -242,7 +243,8 @@ def make_plan(
     else:
         step_counts = step_counts or (module.inference_steps,)
     plan = Plan(is_dblock=True, step_counts=step_counts, default_steps=module.inference_steps, num_samples=num_samples,
-                seed=seed, cfg_scale=module.spec.sampler.cfg_scale, sigmas=sigmas, oracle_blocks=built)
+                seed=seed, cfg_scale=module.spec.sampler.cfg_scale, readout=module.objective.readout, sigmas=sigmas,
+                oracle_blocks=built)
     return plan, notes
 
 
@@ -278,8 +280,8 @@ def run(configs, request: Request, overrides: dict) -> dict:
     dm.test_set = seeded_subset(dm.test_set, request.max_images, request.seed)
     device = resolve_device(configs.run.accelerator)
     model = module.model.to(device).eval()
-    with tqdm(total=len(dm.test_set), desc="diagnose", unit="image", file=sys.stderr) as bar:
-        collected = collect(model, dm.test_dataloader(), plan, device, bar.update)
+    with module.scored_weights(), tqdm(total=len(dm.test_set), desc="diagnose", unit="image", file=sys.stderr) as bar:
+        collected = collect(model, dm.test_dataloader(), plan, device, bar.update)  # the weights `test` scores
     report = {
         "checkpoint": str(request.ckpt_path), "model_type": module.hparams.model_type, "data": configs.run.data,
         "seed": request.seed, "notes": notes, **summarise(collected, plan, model),

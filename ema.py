@@ -23,6 +23,21 @@ class ParameterEMA:
         self.decay = decay
         self.parameters = named_parameters
         self.shadows = {name: p.detach().clone() for name, p in named_parameters.items()}
+        self._names = {id(p): name for name, p in named_parameters.items()}
+
+    def names_of(self, parameters: list[nn.Parameter]) -> list[str]:
+        """The names of these parameters (each once, also when blocks share them)."""
+        return list(dict.fromkeys(self._names[id(p)] for p in parameters))
+
+    def to(self, device: torch.device) -> None:
+        """Keep the shadows on `device` (the trained weights' device: no copy between memories at each update)."""
+        self.shadows = {name: s.to(device) for name, s in self.shadows.items()}
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Averages equal to the live weights (a checkpoint without averages, e.g. a pushed model of averages)."""
+        for name, p in self.parameters.items():
+            self.shadows[name].copy_(p)
 
     @torch.no_grad()
     def update(self, names: list[str]) -> None:
@@ -43,16 +58,25 @@ class ParameterEMA:
         for name, shadow in self.shadows.items():
             shadow.copy_(state[name])
 
+    @torch.no_grad()
+    def swap_in(self) -> dict[str, torch.Tensor]:
+        """Copy the averages into the parameters; returns the live weights, for `restore`."""
+        saved = {name: p.detach().clone() for name, p in self.parameters.items()}
+        for name, p in self.parameters.items():
+            p.copy_(self.shadows[name])
+        return saved
+
+    @torch.no_grad()
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        """Put back the live weights swap_in returned, bit for bit."""
+        for name, p in self.parameters.items():
+            p.copy_(saved[name])
+
     @contextmanager
     def swapped_in(self):
         """Within the block the parameters hold the averages; the live weights come back afterwards, bit for bit."""
-        with torch.no_grad():
-            saved = {name: p.detach().clone() for name, p in self.parameters.items()}
-            for name, p in self.parameters.items():
-                p.copy_(self.shadows[name])
+        saved = self.swap_in()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, p in self.parameters.items():
-                    p.copy_(saved[name])
+            self.restore(saved)

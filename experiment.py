@@ -160,6 +160,7 @@ def module_from_checkpoint(
     module = LitClassifier(scoring=scoring, **hparams)
     try:
         module.load_state_dict(ckpt["state_dict"])
+        module.load_ema(ckpt)
     except RuntimeError:
         raise UserError(
             f"checkpoint {path} does not match the architecture in its own hyper-parameters: it is damaged, use another"
@@ -168,16 +169,19 @@ def module_from_checkpoint(
 
 
 def check_resumable(ckpt: dict, path: str, hparams) -> None:
-    """Resuming needs the same model type, architecture and class count as the checkpoint's."""
-    saved = ckpt["hyper_parameters"]
+    """Resuming needs the same model type, architecture and class count as the checkpoint's (and the same moving
+    average and weight tying, which a checkpoint lacking them did not have)."""
+    from config import lever_defaults
+
+    saved, hparams = {**lever_defaults(), **ckpt["hyper_parameters"]}, {**lever_defaults(), **hparams}
     if ckpt.get(released.CONVERTED):
         raise UserError(
             f"checkpoint {path} is the released program's: `main.py test` scores it, "
             "but training cannot resume from it; start a new run"
         )
-    keys = ("model_type", "arch", "num_labels")
+    keys = ("model_type", "arch", "num_labels", "ema_decay")
     if saved.get("model_type") == "dblock":
-        keys += ("num_blocks", "layers_per_block", "partition", "train_blocks")
+        keys += ("num_blocks", "layers_per_block", "partition", "train_blocks", "weight_tied")
     for key in keys:
         if saved.get(key) != hparams.get(key):
             raise UserError(

@@ -17,3 +17,4 @@ Precision = Literal["32", "bf16-mixed"]
 Accelerator = Literal["auto", "cpu", "gpu"]
 Partition = Literal[PARTITIONS]
 Augment = Literal["released", "none", "crop", "flip"]  # training augmentation: the released one or a part of it
+Loss = Literal["ce", "mse", "brier"]  # per-sample training loss (losses.py)

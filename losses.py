@@ -7,16 +7,18 @@ error of the predicted distribution.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-Loss = Literal["ce", "mse", "brier"]
+from flags import Loss
+
 LOSSES = get_args(Loss)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Cross-entropy of the logits (fp32), optionally against a smoothed target (N,)."""
     return F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
 
@@ -34,7 +36,7 @@ def brier(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def per_sample_loss(
     kind: str, logits: torch.Tensor, labels: torch.Tensor, denoised: torch.Tensor | None = None,
-    target: torch.Tensor | None = None, label_smoothing: float = 0.0,
+    target: torch.Tensor | None = None, *, label_smoothing: float,
 ) -> torch.Tensor:
     """The per-sample loss `--loss kind` of one batch; `denoised` and `target` are needed by `mse` only."""
     if kind == "ce":
@@ -44,6 +46,20 @@ def per_sample_loss(
     if kind == "brier":
         return brier(logits, labels)
     raise ValueError(f"unknown loss {kind!r}: choose one of {', '.join(LOSSES)}")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """The per-sample loss of `--loss` and `--label_smoothing`, called as the denoiser's loss (dblock.Criterion)."""
+
+    kind: str
+    label_smoothing: float
+
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, denoised: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return per_sample_loss(self.kind, logits, labels, denoised, target, label_smoothing=self.label_smoothing)
 
 
 def clamp_weight(weight: torch.Tensor, max_loss_weight: float | None) -> torch.Tensor:

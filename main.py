@@ -18,7 +18,7 @@ from jsonargparse import ArgumentParser, auto_cli
 from accelerator import check_accelerator
 from assemble import assemble
 from errors import UserError, check_at_least
-from flags import Accelerator, Augment, Data, Logger, ModelType, Partition, Precision, Scheduler
+from flags import Accelerator, Augment, Data, Logger, Loss, ModelType, Partition, Precision, Scheduler
 from report import report
 
 
@@ -89,6 +89,12 @@ def train(
     offload_optimizer: bool = True,
     offload_weights: bool = False,
     compile: bool = False,  # noqa: A002 (the flag is --compile)
+    loss: Loss = "ce",
+    label_smoothing: float = 0.0,
+    max_loss_weight: float | None = None,
+    ema_decay: float | None = None,
+    use_ema: bool = True,
+    weight_tied: bool = False,
 ) -> dict:
     """Train a model, save checkpoints in logs/<run_name>/, then test the best (validation split) or the final weights.
 
@@ -158,6 +164,14 @@ def train(
         offload_optimizer: dblock: keep AdamW moments of blocks not being trained in host memory (same numerics).
         offload_weights: dblock: keep weights of blocks not being trained in host memory too (one device only).
         compile: torch.compile the model (worth it on GPUs; the first steps are slow while it compiles).
+        loss: Per-sample loss, times the EDM weight for dblock: ce (released), mse (dblock: squared error of the
+            denoised label state) or brier (squared error of the softmax against the one-hot label).
+        label_smoothing: --loss ce only: cross-entropy against (1 - EPS) one-hot + EPS uniform (0 = off, released).
+        max_loss_weight: dblock: clamp the EDM loss weight at this value (default: unclamped, as released).
+        ema_decay: Keep an exponential moving average of the trained weights with this decay, in (0, 1) (default
+            off); validation, the final test, test and push score it.
+        use_ema: With --ema_decay: score the averaged weights (false = the raw ones) at validation and the final test.
+        weight_tied: dblock: every block reuses one set of L/B layers; each keeps its noise range (no offloading).
     """
     flags = dict(locals())  # the flags exactly as resolved, saved as config.yaml
     import run
@@ -190,6 +204,7 @@ def test(
     cfg_scale: float | None = None,
     raw_embedding_bridge: bool | None = None,
     save_predictions: bool = False,
+    use_ema: bool | None = None,
 ) -> dict:
     """Score a checkpoint on DATA's test split; metrics.json goes next to it (Hub models: logs/hf-OWNER--NAME/).
 
@@ -210,6 +225,8 @@ def test(
         raw_embedding_bridge: dblock: override the checkpoint's bridge quirk (true = released raw table).
         save_predictions: Also write predictions.csv (index, label, prediction per test image, in dataset order) next to
             metrics.json.
+        use_ema: Score the checkpoint's averaged weights (--ema_decay runs); false = the raw ones (default: the
+            checkpoint's).
     """
     import run
     from config import build_configs
@@ -217,7 +234,9 @@ def test(
     check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_inference_steps=num_inference_steps)
     check_accelerator(accelerator)
     overrides = {
-        "num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge
+        "num_inference_steps": num_inference_steps, "cfg_scale": cfg_scale,
+        "raw_embedding_bridge": raw_embedding_bridge,
+        "use_ema": use_ema,
     }
     flags = {k: v for k, v in locals().items() if k in TEST_RUN_FLAGS}
     return run.test(build_configs(data, flags), ckpt_path, model_type, overrides, save_predictions)
@@ -244,6 +263,7 @@ def diagnose(
     accelerator: Accelerator = "auto",
     cfg_scale: float | None = None,
     raw_embedding_bridge: bool | None = None,
+    use_ema: bool | None = None,
 ) -> dict:
     """Look inside a checkpoint: calibration, every sampler step, every block in isolation, noise-draw ensembles, cost.
 
@@ -268,6 +288,8 @@ def diagnose(
         accelerator: auto, gpu or cpu.
         cfg_scale: dblock: classifier-free guidance scale (default: the checkpoint's).
         raw_embedding_bridge: dblock: override the checkpoint's bridge quirk (true = released raw table).
+        use_ema: Diagnose the checkpoint's averaged weights (--ema_decay runs); false = the raw ones (default: the
+            checkpoint's).
     """
     import diagnose as diagnosis
     from config import build_configs
@@ -279,7 +301,7 @@ def diagnose(
         seed=seed, max_images=max_images, sigmas_per_block=sigmas_per_block, output=output,
     )
     flags = {k: v for k, v in locals().items() if k in TEST_RUN_FLAGS}
-    overrides = {"cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge}
+    overrides = {"cfg_scale": cfg_scale, "raw_embedding_bridge": raw_embedding_bridge, "use_ema": use_ema}
     return diagnosis.run(build_configs(data, flags), request, overrides)
 
 
@@ -307,6 +329,7 @@ def bench(
     plot: str | None = None,
     seed: int = 42,
     data_dir: str = "data",
+    weight_tied: bool = False,
 ) -> dict:
     """Measure peak training memory (by component), step and inference times of vit and dblock variants, loader speed.
 
@@ -337,6 +360,7 @@ def bench(
         plot: Write a PNG stacked-bar chart of the memory breakdown to this file.
         seed: Seed of initialisation, inputs and the block sequence.
         data_dir: imagefolder only: folder whose train/ class folders give the number of classes.
+        weight_tied: Also measure dblock-weight-tied: every block reuses one set of layers (see train's --weight_tied).
     """
     flags = dict(locals())
     import bench as benchmark

@@ -3,6 +3,7 @@ schedule, logging, scoring and offload hooks, the same for every model type."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 from dataclasses import dataclass, field
@@ -13,13 +14,15 @@ import pytorch_lightning as pl
 from huggingface_hub import PyTorchModelHubMixin
 from transformers import get_scheduler
 
-from config import OptimConfig, default_hparams, spec_from_hparams
+from config import LEVER_FLAGS, OptimConfig, default_hparams, spec_from_hparams
+from ema import ParameterEMA
 from errors import UserError
 from flags import ModelType
 from objectives import StepIndex, StepLoss, make_objective
 from offload import BlockOffloader
 
 MODEL_TYPES = get_args(ModelType)
+EMA_KEY = "ema_state"  # the checkpoint entry holding the moving averages (--ema_decay), beside state_dict
 GRADIENT_CLIP_VAL = 1.0  # the released recipe's gradient-norm clipping (train's Trainer and bench)
 
 
@@ -83,7 +86,7 @@ class Scoring:
 
 def resolve_hparams(hparams: dict) -> dict:
     """Every hyper-parameter, train's default where the dict lacks one (older and converted checkpoints)."""
-    unknown = set(hparams) - {"num_labels", *default_hparams()}
+    unknown = set(hparams) - {"num_labels", *default_hparams(), *LEVER_FLAGS}
     if unknown:
         raise TypeError(f"unknown hyper-parameters {sorted(unknown)}")
     if hparams.get("model_type", "vit") not in MODEL_TYPES:
@@ -132,13 +135,17 @@ class LitClassifier(
         self.predictions: list[torch.Tensor] = []
         self.test_results: dict[str, float] = {}
         self._due_prefixes: list[str] = []
+        self.ema = self.build_ema()
+        self._live_weights: dict[str, torch.Tensor] | None = None  # the raw weights while the averages are scored
+        self._step_before_batch = 0
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):
         # The mixin loads weights non-strictly by default; config.json rebuilds the exact network: all must load.
         # config.json also describes the expected input (its "dataset" entry), which is not a hyper-parameter.
         loading = inspect.signature(PyTorchModelHubMixin._from_pretrained).parameters
-        kept = {k: v for k, v in kwargs.items() if k in loading or k in {"num_labels", *default_hparams()}}
+        hparams = {"num_labels", *default_hparams(), *LEVER_FLAGS}
+        kept = {k: v for k, v in kwargs.items() if k in loading or k in hparams}
         return super()._from_pretrained(strict=strict, **kept)
 
     def setup(self, stage: str) -> None:
@@ -227,11 +234,59 @@ class LitClassifier(
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = capture_rng_states()
+        if self.ema is not None:
+            checkpoint[EMA_KEY] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # With the step-derived data order (data.py), restoring the generators makes a resume bit-exact.
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
+        if self.ema is not None and EMA_KEY in checkpoint:
+            self.ema.load_state_dict(checkpoint[EMA_KEY])
+
+    # ---- moving average of the weights (--ema_decay) ------------------------------------------------
+    def build_ema(self) -> ParameterEMA | None:
+        """The moving average of every trainable parameter under --ema_decay (None without it)."""
+        decay = self.spec.model.ema_decay
+        if decay is None:
+            return None
+        return ParameterEMA({name: p for name, p in self.model.named_parameters() if p.requires_grad}, decay)
+
+    def load_ema(self, checkpoint: dict) -> None:
+        """The averages of a checkpoint whose weights are loaded; one without any (a pushed model, whose weights are
+        the averages already) starts them at its weights."""
+        if self.ema is None:
+            return
+        if EMA_KEY in checkpoint:
+            self.ema.load_state_dict(checkpoint[EMA_KEY])
+        else:
+            self.ema.reset()
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_before_batch = self.global_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Average only after a batch that ended with an optimizer step, and only what that step trained.
+        if self.ema is not None and self.global_step > self._step_before_batch:
+            self.ema.update(self.ema.names_of(self.objective.trained_parameters(self.model, self.current_block)))
+
+    @property
+    def scores_ema(self) -> bool:
+        """Whether scoring uses the moving average (kept, and not turned off by --use_ema false)."""
+        return self.ema is not None and self.spec.model.use_ema
+
+    @contextlib.contextmanager
+    def scored_weights(self):
+        """Within the block the model holds the weights scoring uses (the averages where scored), e.g. for push."""
+        if not self.scores_ema:
+            yield
+            return
+        with self.ema.swapped_in():
+            yield
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.spec.optim, self.device)
@@ -253,6 +308,8 @@ class LitClassifier(
         """Put every block on the device (inference needs all of them), reset the counts, seed the sampler's noise."""
         if self.offloader is not None:
             self.offloader.restore_weights(self.device)
+        if self.scores_ema and self._live_weights is None:
+            self._live_weights = self.ema.swap_in()
         self._correct, self._total = 0, 0
         self.predictions = []
         # Its own generator: scoring never moves training's, and every scoring draws the same noise.
@@ -267,6 +324,12 @@ class LitClassifier(
         self._total += labels.numel()
         if self.scoring.save_predictions:
             self.predictions.append(torch.stack([labels, preds], dim=1).cpu())
+
+    def end_scoring(self) -> None:
+        """Put the raw weights back where scoring used the averages (training continues from them)."""
+        if self._live_weights is not None:
+            self.ema.restore(self._live_weights)
+            self._live_weights = None
 
     def scored_accuracy(self) -> tuple[float, int]:
         """(accuracy, number of images) counted since start_scoring, summed over every DDP rank."""
@@ -285,6 +348,7 @@ class LitClassifier(
             self.score_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
+        self.end_scoring()
         acc, _ = self.scored_accuracy()
         for prefix in self._due_prefixes:
             self.log_dict({f"{prefix}/acc": acc, f"{prefix}/f1": acc}, sync_dist=False)
@@ -296,6 +360,7 @@ class LitClassifier(
         self.score_batch(batch)
 
     def on_test_epoch_end(self) -> None:
+        self.end_scoring()
         acc, total = self.scored_accuracy()
         # Micro-averaged F1 of single-label multiclass predictions equals accuracy (as released).
         self.test_results = {"test/acc": acc, "test/f1": acc, "num_test_images": total}

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import dblock
-from config import ModelSpec
+from config import ModelConfig, ModelSpec
 from dblock import block_for_step, noise_generator
 from errors import UserError
+from losses import Criterion, clamp_weight
 from vit import ArchConfig, ViTClassifier
 
 
@@ -53,12 +54,48 @@ def check_train_blocks(train_blocks: list[int] | None, num_blocks: int) -> None:
         )
 
 
+def check_levers(m: ModelConfig, dcfg: dblock.DBlockConfig, num_layers: int) -> None:
+    """Reject the training levers' values and combinations that mean nothing (--loss, --label_smoothing,
+    --max_loss_weight, --ema_decay, --weight_tied), naming the flag to change."""
+    dblock_only = {"--loss mse": m.loss == "mse", "--max_loss_weight": m.max_loss_weight is not None,
+                   "--weight_tied": m.weight_tied}
+    for flag, given in dblock_only.items():
+        if given and m.model_type != "dblock":
+            raise UserError(
+                f"{flag} needs --model_type dblock (the end-to-end ViT has no denoised state or EDM weight)"
+            )
+    if not 0.0 <= m.label_smoothing < 1.0:
+        raise UserError(f"--label_smoothing must be in [0, 1), got {m.label_smoothing}")
+    if m.label_smoothing and m.loss != "ce":
+        raise UserError(f"--label_smoothing smooths the ce loss only: drop it or use --loss ce (got --loss {m.loss})")
+    if m.max_loss_weight is not None and not m.max_loss_weight > 0:
+        raise UserError(f"--max_loss_weight must be > 0, got {m.max_loss_weight}")
+    if m.ema_decay is not None and not 0.0 < m.ema_decay < 1.0:
+        raise UserError(f"--ema_decay must be in (0, 1), e.g. 0.999, got {m.ema_decay}")
+    if m.weight_tied:
+        check_weight_tying(m, dcfg, num_layers)
+
+
+def check_weight_tying(m: ModelConfig, dcfg: dblock.DBlockConfig, num_layers: int) -> None:
+    """--weight_tied shares one set of layers: every block must have as many, and the blocks train jointly."""
+    if len(set(dcfg.layout(num_layers))) > 1:
+        layout = ",".join(map(str, dcfg.layout(num_layers)))
+        raise UserError(f"--weight_tied shares one set of layers, but --layers_per_block {layout} is uneven: drop one")
+    if m.train_blocks is not None:
+        raise UserError("--weight_tied blocks share their layers, so they cannot train as independent jobs: "
+                        "drop --train_blocks")
+    if m.offload_weights:
+        raise UserError("--weight_tied blocks share their weights, so no block's can wait in host memory: "
+                        "drop --offload_weights")
+
+
 def build_dblock(
     arch: ArchConfig, num_labels: int, dcfg: dblock.DBlockConfig, seed: int, train_blocks: list[int] | None,
-    member_blocks: list[list[int]] | None,
+    member_blocks: list[list[int]] | None, weight_tied: bool,
 ) -> nn.Module:
-    """The DiffusionBlocks network: joint (every block, shared trainable label table), one independent job's
-    blocks (frozen seed-derived label table, its own stem and head), or the assembly of such jobs."""
+    """The DiffusionBlocks network: joint (every block, shared trainable label table; with `weight_tied`, one set
+    of layers for every block), one independent job's blocks (frozen seed-derived label table, its own stem and
+    head), or the assembly of such jobs."""
     def job(blocks) -> dblock.DiffusionBlocksViT:
         return dblock.DiffusionBlocksViT(
             arch=arch, num_labels=num_labels, dcfg=dcfg, built_blocks=tuple(blocks), label_seed=seed
@@ -69,7 +106,10 @@ def build_dblock(
     if train_blocks is not None:
         check_train_blocks(train_blocks, dcfg.num_blocks)
         return job(train_blocks)
-    return dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dcfg)
+    model = dblock.DiffusionBlocksViT(arch=arch, num_labels=num_labels, dcfg=dcfg)
+    if weight_tied:
+        dblock.tie_block_layers(model)
+    return model
 
 
 class VitObjective:
@@ -81,6 +121,7 @@ class VitObjective:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
+        self.criterion = Criterion(spec.model.loss, spec.model.label_smoothing)
 
     @property
     def trainable_blocks(self) -> list[int]:
@@ -101,9 +142,17 @@ class VitObjective:
         return None
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, where: StepIndex, block) -> StepLoss:
-        """Cross-entropy of the logits (fp32)."""
-        loss = F.cross_entropy(model(images).float(), labels)
+        """Cross-entropy of the logits (fp32, as released), or the --loss brier of their softmax; batch mean."""
+        logits = model(images).float()
+        if self.criterion.kind == "ce":
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.criterion.label_smoothing)
+        else:
+            loss = self.criterion(logits, labels).mean()
         return StepLoss(loss, {"train/loss": loss})
+
+    def trained_parameters(self, model: nn.Module, block: int | None) -> list[nn.Parameter]:
+        """Every trainable parameter: a step trains the whole network."""
+        return [p for p in model.parameters() if p.requires_grad]
 
     def predict(self, model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The forward pass (`generator` unused: the baseline draws nothing)."""
@@ -115,13 +164,17 @@ class VitObjective:
 
 
 class DBlockObjective:
-    """DiffusionBlocks: one block per step, the EDM-weighted cross-entropy of its denoised labels."""
+    """DiffusionBlocks: one block per step, the EDM-weighted loss (cross-entropy, as released) of its denoised
+    labels."""
 
     find_unused_parameters = True  # the blocks not drawn get no gradient
-    has_blocks = True  # the blocks not being trained can wait in host memory (offload.py)
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
+        m = spec.model
+        # None: the released cross-entropy, computed exactly as released.
+        released = m.loss == "ce" and not m.label_smoothing
+        self.criterion = None if released else Criterion(m.loss, m.label_smoothing)
         # As released, images are blanked for guidance only when guidance is on.
         self.class_dropout = spec.model.class_dropout_prob if spec.sampler.cfg_scale > 0 else 0.0
 
@@ -131,14 +184,25 @@ class DBlockObjective:
         return self.spec.model.train_blocks or list(range(self.spec.dblock.num_blocks))
 
     @property
+    def has_blocks(self) -> bool:
+        """Whether the blocks not being trained can wait in host memory (offload.py): not when they share layers."""
+        return not self.spec.model.weight_tied
+
+    @property
     def inference_steps(self) -> int:
         """Sampler steps at test time: the flag if given, else one per block."""
         return self.spec.sampler.num_inference_steps or self.spec.dblock.num_blocks
 
     def build_model(self) -> nn.Module:
-        """The DiffusionBlocks ViT (joint, an independent job's blocks, or an assembly of jobs)."""
+        """The DiffusionBlocks ViT (joint, an independent job's blocks, or an assembly of jobs); under --loss mse its
+        label table is frozen at its initialisation."""
         s = self.spec
-        return build_dblock(s.arch, s.num_labels, s.dblock, s.model.seed, s.model.train_blocks, s.member_blocks)
+        m = s.model
+        model = build_dblock(s.arch, s.num_labels, s.dblock, m.seed, m.train_blocks, s.member_blocks, m.weight_tied)
+        if m.loss == "mse" and s.member_blocks is None:
+            # The squared error to a learnt target collapses: equal rows of the table make it zero for any D_x.
+            model.label_embed.weight.requires_grad_(False)
+        return model
 
     @property
     def covers_all_blocks(self) -> bool:
@@ -153,18 +217,32 @@ class DBlockObjective:
         return blocks[block_for_step(self.spec.model.seed, step, len(blocks))]
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, where: StepIndex, block) -> StepLoss:
-        """Weighted cross-entropy of `block`; sigmas, noise and image dropout from the micro-batch's own generator."""
+        """EDM-weighted loss of `block` (the weight capped at --max_loss_weight); sigmas, noise and image dropout
+        from the micro-batch's own generator."""
         g = noise_generator(self.spec.model.seed, where.step, where.rank, where.micro_batch, images.device)
-        ce, weight, sigma = dblock.block_losses(
-            model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout
+        per_sample, weight, sigma = dblock.block_losses(
+            model, images, labels, block, generator=g, class_dropout_prob=self.class_dropout, criterion=self.criterion
         )
-        loss = dblock.reduce_loss(ce, weight, self.spec.dblock.batch_mean_loss_weight)
-        return StepLoss(loss, {"train/loss": loss, "train/ce_loss": ce.mean()}, block=block, sigma=sigma)
+        weight = clamp_weight(weight, self.spec.model.max_loss_weight)
+        loss = dblock.reduce_loss(per_sample, weight, self.spec.dblock.batch_mean_loss_weight)
+        logged = {"train/loss": loss, f"train/{self.spec.model.loss}_loss": per_sample.mean()}
+        return StepLoss(loss, logged, block=block, sigma=sigma)
+
+    def trained_parameters(self, model: nn.Module, block: int) -> list[nn.Parameter]:
+        """What a step on `block` trains: its layers (shared by every block under --weight_tied) and the trainable
+        stem and head."""
+        return [p for p in (*model.blocks[block].parameters(), *model.shared_parameters()) if p.requires_grad]
 
     def predict(self, model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The Euler sampler's logits, its starting noise drawn from `generator`."""
+        """The Euler sampler's logits, its starting noise drawn from `generator`; a model trained with --loss mse (whose
+        head never trains) is read through its denoised state."""
         steps, cfg_scale = self.inference_steps, self.spec.sampler.cfg_scale
-        return dblock.sample_logits(model, images, steps, cfg_scale, generator=generator)
+        return dblock.sample_logits(model, images, steps, cfg_scale, generator=generator, readout=self.readout)
+
+    @property
+    def readout(self) -> str:
+        """How the sampler reads a label state (dblock.READOUTS): the denoised state itself for --loss mse."""
+        return "denoised" if self.spec.model.loss == "mse" else "bridge"
 
     def metric_fields(self) -> dict:
         """metrics.json records the sampler steps it scored with."""

@@ -33,7 +33,8 @@ NO_CHECKPOINT = "no checkpoint (crashed or running)"
 PAPER = "paper reference"
 
 COLUMNS = (
-    "run", "model", "data", "blocks (layers)", "partition", "gamma", "augment", "epochs (planned)", "steps (done)",
+    "run", "model", "data", "blocks (layers)", "partition", "gamma", "augment", "levers", "epochs (planned)",
+    "steps (done)",
     "inference steps", "test acc %", "images", "checkpoint scored", "status",
 )
 BLOCK_CE = re.compile(r"train/ce_loss_(\d+)")
@@ -349,6 +350,7 @@ def run_row(run: Run) -> dict[str, str]:
         "partition": dblock_only(lambda: flag(cfg, "partition")),
         "gamma": dblock_only(lambda: f"{flag(cfg, 'gamma'):g}"),
         "augment": configured(lambda: flag(cfg, "augment") + ("+RandAugment" if cfg.get("add_rand_aug") else "")),
+        "levers": configured(lambda: levers(cfg)),
         "epochs (planned)": configured(lambda: planned_epochs(run)),
         "steps (done)": UNKNOWN if steps is None else str(steps),
         "inference steps": dblock_only(lambda: str(inference)),
@@ -357,6 +359,13 @@ def run_row(run: Run) -> dict[str, str]:
         "checkpoint scored": scored_checkpoint(run),
         "status": status(run),
     }
+
+
+def levers(config: dict) -> str:
+    """The training levers (--loss, --ema_decay, ...) the run set away from the released defaults, else `-`."""
+    from config import lever_text
+
+    return lever_text(config) or NOT_APPLICABLE
 
 
 def planned_epochs(run: Run) -> str:

@@ -17,7 +17,7 @@ from experiment import (
 )
 from fileio import write_json_atomic, write_text_atomic
 from module import LitClassifier, Scoring, check_scheduler
-from objectives import make_objective
+from objectives import check_levers, make_objective
 
 
 def train(configs: Configs, flags: dict, callbacks: tuple[pl.Callback, ...] = ()) -> dict:
@@ -35,7 +35,7 @@ def train(configs: Configs, flags: dict, callbacks: tuple[pl.Callback, ...] = ()
     if trainer.is_global_zero:
         save_resolved_config(run_dir, flags)
         if configs.model.model_type == "dblock":
-            write_block_table(run_dir, module.model)
+            write_block_table(run_dir, module.model, configs.model.weight_tied)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if not module.covers_all_blocks:
         blocks, total = configs.model.train_blocks, configs.dblock.num_blocks
@@ -57,6 +57,7 @@ def check_training(configs: Configs) -> None:
         raise UserError("--train_blocks needs --model_type dblock")
     if r.diagnose_every_n_epochs is not None and m.model_type != "dblock":
         raise UserError("--diagnose_every_n_epochs measures dblock's blocks: drop it or use --model_type dblock")
+    check_levers(m, configs.dblock, configs.arch.num_hidden_layers)
     check_scheduler(o.scheduler_type, o.num_warmup_steps, o.scheduler_specific_kwargs)
 
 
@@ -144,8 +145,9 @@ def test_after_fit(trainer: pl.Trainer, module: LitClassifier, dm: ImageDataModu
     return {}
 
 
-def write_block_table(run_dir: Path, model) -> None:
-    """blocks.json in the run folder, and one line per block on stdout: layers, noise ranges, probability mass."""
+def write_block_table(run_dir: Path, model, weight_tied: bool) -> None:
+    """blocks.json in the run folder, and one line per block on stdout: layers, noise ranges, probability mass;
+    under --weight_tied, `"weight_tied": true` says every block runs the same layers (block 0's)."""
     from dblock import block_table
 
     table = block_table(model)
@@ -156,7 +158,9 @@ def write_block_table(run_dir: Path, model) -> None:
             f"block {row['block']}: layers {row['layers'][0]}-{row['layers'][-1]}, sigma [{lo:.6g}, {hi:.6g}] "
             f"(trained on [{wlo:.6g}, {whi:.6g}]), probability mass {row['probability_mass']:.4f}"
         )
-    write_json_atomic(run_dir / "blocks.json", {"blocks": table})
+    if weight_tied:
+        print("weight-tied: every block runs the same layers (block 0's parameters)")
+    write_json_atomic(run_dir / "blocks.json", {"blocks": table, **({"weight_tied": True} if weight_tied else {})})
 
 
 def save_resolved_config(run_dir: Path, flags: dict) -> None:

@@ -6,6 +6,7 @@ import shlex
 
 from huggingface_hub import EvalResult, ModelCard
 
+from config import lever_text, lever_values
 from dblock import block_table
 from module import LitClassifier
 from paper import layout_text, paper_result
@@ -120,7 +121,12 @@ def architecture_rows(hparams: dict, module: LitClassifier) -> list[tuple[str, s
         ("image size / patch size", f"{arch['image_size']} / {arch['patch_size']}"),
         ("classes", str(hparams["num_labels"])),
         ("parameters", f"{sum(p.numel() for p in module.model.parameters()):,}"),
+        ("training levers (flags away from the released defaults)", lever_text(lever_values(module.spec.model))
+         or "none"),
     ]
+    if module.ema is not None:
+        scored = "the moving average" if module.scores_ema else "the raw weights (--use_ema false)"
+        rows.append(("weights in model.safetensors", f"{scored}, decay {module.spec.model.ema_decay}"))
     if hparams["model_type"] == "dblock":
         quirks = f"{hparams['batch_mean_loss_weight']} / {hparams['raw_embedding_bridge']}"
         rows += [
@@ -145,6 +151,8 @@ def describe(hparams: dict, layout: list[int]) -> str:
         "first), and each block is trained on its own, one block per step, as an EDM denoiser of the label embedding "
         "for one range of noise levels. At test time a sampler walks the noise levels from high to low, each step run "
         "by the block that owns that level, and the last step's logits give the class."
+        + (" Its blocks are weight-tied: every block runs the same layers, only the noise range differs."
+           if hparams.get("weight_tied") else "")
     )
 
 

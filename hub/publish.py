@@ -121,7 +121,8 @@ def build_model_folder(folder: Path, run: Run, *, repo_id: str, include_checkpoi
         command=train_command(run.config, train_defaults), files=[WEIGHTS_FILE, CONFIG_FILE, *(p.name for p in copies)],
     )
     card.save(folder / "README.md")  # written first: save_pretrained keeps an existing README.md
-    module.save_pretrained(folder, config={**hparams, DATASET_KEY: dataset_entry(data)})
+    with module.scored_weights():  # the moving average, where the run kept one (and scored it)
+        module.save_pretrained(folder, config={**hparams, DATASET_KEY: dataset_entry(data)})
     for source in copies:
         shutil.copy2(source, folder / source.name)
 

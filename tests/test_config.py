@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 OWN_DEFAULTS = {
     ("bench", "num_workers"),  # loader workers of the loader measurement only
     # test: None means "the checkpoint's value"
-    ("test", "model_type"), ("test", "cfg_scale"), ("test", "raw_embedding_bridge"),
+    ("test", "model_type"), ("test", "cfg_scale"), ("test", "raw_embedding_bridge"), ("test", "use_ema"),
 }
 
 

@@ -40,9 +40,9 @@ def assert_same_tensors(a, b, where=""):
         assert a == b, where
 
 
-def train_in_pieces(cifar_dir, capsys, monkeypatch, tmp_path, model_type, total, first):
-    """Run `total` steps straight, and `first` then resume to `total`; return both final checkpoints and block
-    traces."""
+def train_in_pieces(cifar_dir, capsys, monkeypatch, tmp_path, model_type, total, first, flags=()):
+    """Run `total` steps straight, and `first` then resume to `total` (with extra `flags`); return both final
+    checkpoints and block traces."""
     scale = 3 if model_type == "dblock" else 1
     traces = {}
     for name, pieces in (("straight", [total]), ("pieces", [first, total])):
@@ -51,7 +51,7 @@ def train_in_pieces(cifar_dir, capsys, monkeypatch, tmp_path, model_type, total,
         monkeypatch.setenv(BLOCK_TRACE_ENV, str(trace))
         for i, steps in enumerate(pieces):
             extra = ["--ckpt_path", f"logs/{name}/last.ckpt"] if i else []
-            code, _, err = run_cli(train_args(cifar_dir, name, *extra, "--save_every_n_epochs", "1",
+            code, _, err = run_cli(train_args(cifar_dir, name, *extra, *flags, "--save_every_n_epochs", "1",
                                               model_type=model_type, steps=steps // scale), capsys)
             assert code == 0, err
         traces[name] = trained_blocks(trace) if model_type == "dblock" else None
@@ -84,6 +84,20 @@ def test_resume_mid_epoch_is_bit_exact(cifar_dir, capsys, monkeypatch, tmp_path,
     assert_same_tensors(straight["lr_schedulers"], pieces["lr_schedulers"], "scheduler")
     if model_type == "dblock":
         assert traces["straight"] == traces["pieces"]
+
+
+@pytest.mark.parametrize("model_type", ["vit", "dblock"])
+def test_resume_with_the_moving_average_is_bit_exact(cifar_dir, capsys, monkeypatch, tmp_path, model_type):
+    scale = 3 if model_type == "dblock" else 1
+    total, first = 2 * STEPS_PER_EPOCH * scale, 3 * scale
+    straight, pieces, _ = train_in_pieces(
+        cifar_dir, capsys, monkeypatch, tmp_path, model_type, total, first, flags=("--ema_decay", "0.9")
+    )
+    assert_same_tensors(straight["state_dict"], pieces["state_dict"], "weights")
+    assert_same_tensors(straight["optimizer_states"], pieces["optimizer_states"], "optimizer")
+    assert_same_tensors(straight["ema_state"], pieces["ema_state"], "moving average")
+    weights = straight["state_dict"]
+    assert any(not torch.equal(v, weights[f"model.{k}"]) for k, v in straight["ema_state"].items())  # not the weights
 
 
 def test_augmentation_does_not_depend_on_workers_or_resume_point(tmp_path):
