@@ -296,6 +296,7 @@ def diagnose(
 
     check_at_least(batch_size=batch_size, eval_batch_size=eval_batch_size, num_samples=num_samples,
                    max_images=max_images, sigmas_per_block=sigmas_per_block)
+    check_accelerator(accelerator)
     request = diagnosis.Request(
         ckpt_path=ckpt_path, step_counts=diagnosis.parse_step_counts(num_inference_steps), num_samples=num_samples,
         seed=seed, max_images=max_images, sigmas_per_block=sigmas_per_block, output=output,

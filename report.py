@@ -119,6 +119,15 @@ class Run:
         sizes = block_sizes(self) if self.is_dblock else None
         return len(sizes) if sizes else 1
 
+    @property
+    def epoch_scale(self) -> int:
+        """What train multiplies --num_epochs and --max_steps by: the blocks this run draws its steps from
+        (--train_blocks for an independent job, else all B)."""
+        from dblock import parse_block_list
+
+        job_blocks = parse_block_list(self.config.get("train_blocks"), "train_blocks") if self.is_dblock else None
+        return len(job_blocks) if job_blocks else self.num_blocks
+
 
 def load_run(path: str) -> Run:
     """Read a run folder; a path that is not one is a one-line error naming it."""
@@ -249,10 +258,10 @@ def finished_training(run: Run) -> bool:
     ckpt, max_steps, num_epochs = run.checkpoint, run.config.get("max_steps"), run.config.get("num_epochs")
     if ckpt is None:
         return False
-    if max_steps is not None and max_steps > 0 and ckpt.global_step >= max_steps * run.num_blocks:
+    if max_steps is not None and max_steps > 0 and ckpt.global_step >= max_steps * run.epoch_scale:
         return True
     done = ckpt.epochs_processed
-    return done is not None and num_epochs is not None and done >= num_epochs * run.num_blocks
+    return done is not None and num_epochs is not None and done >= num_epochs * run.epoch_scale
 
 
 def status(run: Run) -> str:
@@ -369,9 +378,9 @@ def levers(config: dict) -> str:
 
 
 def planned_epochs(run: Run) -> str:
-    """Epochs train plans: --num_epochs, times B for dblock."""
+    """Epochs train plans: --num_epochs, times the blocks it trains for dblock (B, or an independent job's)."""
     num_epochs = run.config.get("num_epochs")
-    return UNKNOWN if num_epochs is None else str(num_epochs * run.num_blocks)
+    return UNKNOWN if num_epochs is None else str(num_epochs * run.epoch_scale)
 
 
 def paper_references(runs: list[Run]) -> list[PaperResult]:

@@ -32,18 +32,18 @@ def simulate(monkeypatch, *, driver: str | None, usable: bool, cuda_build: str |
 
 
 def command(name: str, data_dir, accelerator_flag: str) -> list[str]:
-    """A tiny train, test or bench command line with the given --accelerator."""
+    """A tiny train, test, diagnose or bench command line with the given --accelerator."""
     if name == "train":
         args = train_args(data_dir, "acc", model_type="dblock")
         args[args.index("--accelerator") + 1] = accelerator_flag
         return args
-    if name == "test":
-        return ["test", "cifar100", "--data_dir", data_dir, "--ckpt_path", "missing.ckpt",
+    if name in ("test", "diagnose"):
+        return [name, "cifar100", "--data_dir", data_dir, "--ckpt_path", "missing.ckpt",
                 "--accelerator", accelerator_flag]
     return ["bench", "cifar100", "--batch_size", "2", "--steps", "1", "--accelerator", accelerator_flag]
 
 
-@pytest.mark.parametrize("name", ["train", "test", "bench"])
+@pytest.mark.parametrize("name", ["train", "test", "diagnose", "bench"])
 def test_an_unusable_gpu_stops_the_command_in_one_line(cifar_dir, capsys, monkeypatch, name):
     simulate(monkeypatch, driver=DRIVER_535, usable=False)
     code, out, err = run_cli(command(name, cifar_dir, "auto"), capsys)

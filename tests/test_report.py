@@ -323,3 +323,14 @@ def test_slurm_scripts_pass_extra_arguments_to_train(script, tmp_path):
     result = subprocess.run(sbatch, env=env, capture_output=True, text=True, check=True)
     command = result.stdout.split()
     assert command[:5] == ["uv", "run", "--frozen", "--no-sync", "main.py"] and command[-len(extra):] == extra
+
+
+def test_an_independent_job_plans_epochs_for_its_own_blocks(runs, tmp_path, capsys):
+    # The unfinished dblock run's last checkpoint is at step 4. With --max_steps 2 a joint run plans 2 x B = 6 steps
+    # (unfinished); a job of two blocks plans 2 x 2 = 4 (finished, and a job never tests).
+    job = copy_run(runs, "unfinished", "job", tmp_path)
+    config = {**yaml.safe_load((job / "config.yaml").read_text()), "max_steps": 2}
+    before = row_with_config(job, config, capsys)
+    assert cells(before, "epochs (planned)", "status") == (str(config["num_epochs"] * 3), report.UNFINISHED)
+    after = row_with_config(job, {**config, "train_blocks": "0,2"}, capsys)
+    assert cells(after, "epochs (planned)", "status") == (str(config["num_epochs"] * 2), report.UNTESTED)
