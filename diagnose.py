@@ -227,7 +227,7 @@ def make_plan(
 ) -> tuple[Plan, list[str]]:
     """What this checkpoint can be diagnosed with, and a one-line note for every analysis it cannot run."""
     notes = []
-    if not module.objective.has_blocks:
+    if not isinstance(module.model, dblock.NoisePartition):  # the end-to-end ViT has no noise ranges
         if step_counts or num_samples > 1:
             notes.append("a vit checkpoint has no sampler or blocks: only calibration applies "
                          "(--num_inference_steps and --num_samples are for dblock)")

@@ -203,3 +203,12 @@ def test_diagnose_every_n_epochs_needs_dblock(cifar_dir, capsys):
     code, _, err = run_cli(train_args(cifar_dir, "v", "--diagnose_every_n_epochs", "1"), capsys)
     assert_one_line_error(code, err, "--diagnose_every_n_epochs")
     assert not Path("logs/v").exists()
+
+
+def test_a_weight_tied_model_is_diagnosed_as_a_diffusion_model(cifar_dir, capsys):
+    assert run_cli(train_args(cifar_dir, "tied", "--weight_tied", "true", model_type="dblock", steps=3), capsys)[0] == 0
+    code, _, err = run_cli(["diagnose", "cifar100", "--ckpt_path", "logs/tied/last.ckpt", "--data_dir", cifar_dir,
+                            *LOADER], capsys)
+    assert code == 0, err
+    report = read_report(Path("logs/tied/diagnostics"))
+    assert report["sampler"] and {r["block"] for r in report["blocks"]["rows"]} == {0, 1, 2}
