@@ -99,10 +99,8 @@ def resolve_hparams(hparams: dict) -> dict:
 class NonFiniteWatch:
     """The first non-finite training loss (its step and value), kept on the device so that no step reads it.
 
-    From that step on, every optimizer update is skipped on the device: fused AdamW (CUDA) skips it exactly through
-    its `found_inf` input, as under a GradScaler; other optimizers get zero gradients, a finite update. The run stops
-    at the next logging step, checkpoint or end of training (LitClassifier.check_finite), before anything is logged
-    or saved.
+    From that step on, every optimizer update is skipped exactly (skip_update). The run stops at the next logging step,
+    checkpoint or end of training (LitClassifier.check_finite), before anything is logged or saved.
     """
 
     def __init__(self, device: torch.device):
@@ -116,15 +114,14 @@ class NonFiniteWatch:
         self.loss = torch.where(first, loss.float(), self.loss)
 
     def skip_update(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make the coming optimizer step a no-op on the device once a loss was non-finite."""
+        """Make the coming optimizer step a no-op once a loss was non-finite: on the device for fused AdamW (what
+        build_optimizer makes on CUDA); otherwise (CPU, where reading waits for no device) by dropping the gradients,
+        which AdamW skips."""
         seen = self.step >= 0
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = seen.float()
-            return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.masked_fill_(seen, 0.0)
+        elif seen:
+            optimizer.zero_grad(set_to_none=True)
 
     def first(self) -> tuple[int, float] | None:
         """(step, loss) of the first non-finite loss, None if none: reads the device, so only at logging steps."""
@@ -237,21 +234,27 @@ class LitClassifier(
         self.watch_finite(out)
         if self.is_logging_step(self.global_step):
             self.check_finite()  # before this step's metrics reach the loggers
+        if self.is_logging_step(self.global_step):  # Lightning sends only a logging step's values; each log costs
+            self.log_metrics(out)
+        return out.loss
+
+    def log_metrics(self, out: StepLoss) -> None:
+        """The step's curves through Lightning (`train/loss`, ...), and dblock's block and per-block curves."""
         self.log_dict(out.logged, prog_bar=True)
         if out.block is not None:
             # A device tensor made by a fill: a Python float would be copied to the device, which waits for it.
             self.log("train/block", torch.full((), float(out.block), device=out.loss.device))
             self.log_block_curves(out)
-        return out.loss
 
     def is_logging_step(self, step: int) -> bool:
-        """Lightning's own cadence: it logs a step's metrics when (step + 1) is a multiple of log_every_n_steps."""
-        return (step + 1) % self.trainer.log_every_n_steps == 0
+        """Lightning's own cadence: it logs a step's metrics when (step + 1) is a multiple of log_every_n_steps, and
+        when training is asked to stop."""
+        return (step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.should_stop
 
     def log_block_curves(self, out: StepLoss) -> None:
         """Per-block curves `train/loss_<b>`, `train/ce_loss_<b>`, sent straight to the loggers at the steps that
         trained block b (Lightning's self.log would re-send each key's last value at every later logging step)."""
-        if not self.loggers or not self.is_logging_step(self.global_step):
+        if not self.loggers:
             return
         metrics = {f"{name}_{out.block}": float(value.detach()) for name, value in out.logged.items()}
         for logger in self.loggers:
