@@ -246,6 +246,9 @@ class LitClassifier(
             self.log("train/block", torch.full((), float(out.block), device=out.loss.device))
             self.log_block_curves(out)
 
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        """Nothing: training_step cleared the gradients before its forward pass (Lightning would loop again)."""
+
     def is_logging_step(self, step: int) -> bool:
         """Lightning's own cadence: it logs a step's metrics when (step + 1) is a multiple of log_every_n_steps, and
         when training is asked to stop."""

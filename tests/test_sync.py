@@ -69,7 +69,8 @@ def cuda_optimizer(monkeypatch):
     import module
 
     real = module.build_optimizer
-    monkeypatch.setattr(module, "build_optimizer", lambda model, optim, device: real(model, optim, torch.device("cuda")))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(module, "build_optimizer", lambda model, optim, device: real(model, optim, cuda))
 
 
 @pytest.mark.parametrize("model_type", ["vit", "dblock"])
