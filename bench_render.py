@@ -95,3 +95,26 @@ def save_plot(report: dict, f) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.savefig(f, format="png", dpi=120)
+
+
+def format_overhead(report: dict) -> str:
+    """`bench --overhead`'s table: ops and host time per step of every variant at each size, then the targets."""
+    header = f"{'variant':<20}{'aten ops/step':>15}{'host ms/step':>14}  round medians (ms)"
+    lines = [f"bench --overhead: device {report['device']}; torch {report['versions']['torch']}; {report['date']}",
+             f"method: {report['method']}"]
+    for size, s in report["sizes"].items():
+        c = s["config"]
+        lines += [
+            "",
+            f"{size}: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads, "
+            f"MLP {c['intermediate_size']}, patch {c['patch_size']}, B={c['num_blocks']}, batch {c['batch_size']}; "
+            f"{c['rounds']} rounds of {c['steps_per_round']} steps",
+            header, "-" * len(header),
+        ]
+        for name, v in s["variants"].items():
+            rounds = " ".join(f"{m:.2f}" for m in v["round_medians_ms"])
+            lines.append(f"{name:<20}{v['ops_per_step']:>15.1f}{v['host_ms_per_step']:>14.2f}  {rounds}")
+        for target, t in s["targets"].items():
+            lines.append(f"target {target}: {t['value']:.3f} (max {t['max']}) {'PASS' if t['pass'] else 'FAIL'}")
+    lines.append(f"overall: {'PASS' if report['pass'] else 'FAIL'}")
+    return "\n".join(lines)

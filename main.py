@@ -322,6 +322,7 @@ def bench(
     accelerator: Accelerator = "auto",
     precision: Precision = "32",
     compile: bool = False,
+    overhead: bool = False,
     steps: int = 5,
     warmup_steps: int = 2,
     num_workers: int = 2,
@@ -353,6 +354,8 @@ def bench(
         accelerator: auto (CUDA if present), cpu or gpu.
         precision: 32 (fp32, TF32 matmuls on CUDA) or bf16-mixed.
         compile: Run the models through torch.compile.
+        overhead: Instead, measure aten ops and host milliseconds per training step of vit, dblock and dblock without
+            offloading against bare PyTorch loops, at tiny widths and as configured (see docs/benchmarks.md).
         steps: Timed training steps (and inference batches) per variant; the median is reported.
         warmup_steps: Untimed steps before timing, after every block has been trained once.
         num_workers: Data loader worker processes for the loader measurement.
@@ -375,6 +378,10 @@ def bench(
         if path is not None:
             check_writable(flag, path)
     timing = benchmark.Timing(steps=steps, warmup_steps=warmup_steps, loader_batches=loader_batches)
+    if overhead:
+        import overhead as host_overhead
+
+        return host_overhead.run(build_configs(data, flags), timing, output)
     return benchmark.run(build_configs(data, flags), timing, output, plot)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import random
 from dataclasses import dataclass, field
 from typing import get_args
@@ -98,6 +99,39 @@ def resolve_hparams(hparams: dict) -> dict:
     return {**first, **resolved}  # the key order of every checkpoint
 
 
+class NonFiniteWatch:
+    """The first non-finite training loss (its step and value), kept on the device so that no step reads it.
+
+    From that step on, every optimizer update is skipped exactly (skip_update). The run stops at the next logging step,
+    checkpoint or end of training (LitClassifier.check_finite), before anything is logged or saved.
+    """
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)  # -1: every loss so far was finite
+        self.loss = torch.zeros((), device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        """Keep `loss` and `step` if the loss is the first non-finite one."""
+        first = ~torch.isfinite(loss) & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss.float(), self.loss)
+
+    def skip_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the coming optimizer step a no-op once a loss was non-finite: on the device for fused AdamW (what
+        build_optimizer makes on CUDA); otherwise (CPU, where reading waits for no device) by dropping the gradients,
+        which AdamW skips."""
+        seen = self.step >= 0
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = seen.float()
+        elif seen:
+            optimizer.zero_grad(set_to_none=True)
+
+    def first(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite loss, None if none: reads the device, so only at logging steps."""
+        step = int(self.step)
+        return (step, float(self.loss)) if step >= 0 else None
+
+
 class LitClassifier(
     pl.LightningModule,
     PyTorchModelHubMixin,
@@ -129,6 +163,7 @@ class LitClassifier(
         offloads = self.objective.has_blocks and self.spec.member_blocks is None and wanted
         self.offloader = BlockOffloader(self.model.blocks, offload_weights=m.offload_weights) if offloads else None
         self.last_loss: StepLoss | None = None  # the last training micro-batch's loss terms (for callbacks)
+        self.non_finite: NonFiniteWatch | None = None  # made on the device at the first training step
         self._correct = 0
         self._total = 0
         self._generator: torch.Generator | None = None
@@ -203,36 +238,68 @@ class LitClassifier(
         block = self.start_block(self.global_step, optimizer)
         out = self.block_loss(images, labels, StepIndex(self.global_step, self.global_rank, micro_batch), block)
         self.last_loss = out
-        self.check_finite(out)
+        self.watch_finite(out)
+        if self.is_logging_step(self.global_step):
+            self.check_finite()  # before this step's metrics reach the loggers
+        if self.is_logging_step(self.global_step):  # Lightning sends only a logging step's values; each log costs
+            self.log_metrics(out)
+        return out.loss
+
+    def log_metrics(self, out: StepLoss) -> None:
+        """The step's curves through Lightning (`train/loss`, ...), and dblock's block and per-block curves."""
         self.log_dict(out.logged, prog_bar=True)
         if out.block is not None:
-            self.log("train/block", float(out.block))
+            # A device tensor made by a fill: a Python float would be copied to the device, which waits for it.
+            self.log("train/block", torch.full((), float(out.block), device=out.loss.device))
             self.log_block_curves(out)
-        return out.loss
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        """Nothing: training_step cleared the gradients before its forward pass (Lightning would loop again)."""
+
+    def is_logging_step(self, step: int) -> bool:
+        """Lightning's own cadence: it logs a step's metrics when (step + 1) is a multiple of log_every_n_steps, and
+        when training is asked to stop."""
+        return (step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.should_stop
 
     def log_block_curves(self, out: StepLoss) -> None:
         """Per-block curves `train/loss_<b>`, `train/ce_loss_<b>`, sent straight to the loggers at the steps that
         trained block b (Lightning's self.log would re-send each key's last value at every later logging step)."""
-        # Lightning's own cadence: it logs a step's metrics when (step + 1) is a multiple of log_every_n_steps.
-        if not self.loggers or (self.global_step + 1) % self.trainer.log_every_n_steps:
+        if not self.loggers:
             return
         metrics = {f"{name}_{out.block}": float(value.detach()) for name, value in out.logged.items()}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
 
-    def check_finite(self, out: StepLoss) -> None:
-        """Stop before a non-finite loss reaches the weights, naming the step, block and last good checkpoint."""
-        if torch.isfinite(out.loss):
+    def watch_finite(self, out: StepLoss) -> None:
+        """Record a non-finite loss on the device (reading it would make the host wait for the forward pass)."""
+        if self.non_finite is None:
+            self.non_finite = NonFiniteWatch(out.loss.device)
+        self.non_finite.observe(out.loss.detach(), self.global_step)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # After backward, before clipping: from a non-finite loss on, no update reaches the weights.
+        if self.non_finite is not None:
+            self.non_finite.skip_update(optimizer)
+
+    def check_finite(self) -> None:
+        """Stop if a training loss was non-finite, naming its step, block and the last good checkpoint."""
+        found = self.non_finite.first() if self.non_finite is not None else None
+        if found is None:
             return
+        step, value = found
         callback = getattr(self.trainer, "checkpoint_callback", None)
         last_good = (callback.last_model_path or callback.best_model_path) if callback else ""
-        block = f" (block {out.block})" if out.block is not None else ""
+        if last_good and not os.path.exists(last_good):  # a save in progress names its file before writing it
+            last_good = ""
+        block = self.objective.block_at(step)
+        where = f" (block {block})" if block is not None else ""
         raise UserError(
-            f"non-finite loss {out.loss.item()} at step {self.global_step}{block}; last good checkpoint: "
+            f"non-finite loss {value} at step {step}{where}; last good checkpoint: "
             f"{last_good or 'none yet'}. Resume from it with --ckpt_path and a lower --lr, or use --precision 32"
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # never save weights trained past a non-finite loss
         checkpoint["rng_states"] = capture_rng_states()
         if self.ema is not None:
             checkpoint[EMA_KEY] = self.ema.state_dict()
@@ -296,6 +363,7 @@ class LitClassifier(
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:
+        self.check_finite()
         if self.offloader is not None:
             self.offloader.restore_weights(self.device)
 

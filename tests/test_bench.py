@@ -183,3 +183,27 @@ def main_default(flag: str):
     from config import default_flags
 
     return default_flags()[flag]
+
+
+def test_overhead_reports_ops_host_time_and_targets(tmp_path):
+    import overhead
+
+    out = tmp_path / "o.json"
+    args = [*ARCH_FLAGS, "--overhead", "--batch_size", "8", "--steps", "1", "--warmup_steps", "0", "--accelerator",
+            "cpu", "--output", str(out)]
+    code, printed, err = run_bench(args)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert set(report["sizes"]) == {"launch-bound", "configured"}
+    for size in report["sizes"].values():
+        variants = size["variants"]
+        assert set(variants) == {*overhead.PROJECT, *overhead.BARE}
+        assert all(v["ops_per_step"] > 0 and v["host_ms_per_step"] > 0 for v in variants.values())
+        ops = size["targets"]["ops dblock / dblock-no-offload"]
+        assert ops["value"] == variants["dblock"]["ops_per_step"] / variants["dblock-no-offload"]["ops_per_step"]
+        assert ops["pass"] == (ops["value"] <= overhead.OPS_TARGET)
+        host = size["targets"]["host vit / vit-bare"]
+        assert host["value"] == variants["vit"]["host_ms_per_step"] / variants["vit-bare"]["host_ms_per_step"]
+        assert host["pass"] == (host["value"] <= overhead.HOST_TARGET)
+    assert report["pass"] == all(t["pass"] for s in report["sizes"].values() for t in s["targets"].values())
+    assert "launch-bound" in printed and "dblock-bare" in printed and "overall:" in printed
