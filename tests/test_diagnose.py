@@ -212,3 +212,16 @@ def test_a_weight_tied_model_is_diagnosed_as_a_diffusion_model(cifar_dir, capsys
     assert code == 0, err
     report = read_report(Path("logs/tied/diagnostics"))
     assert report["sampler"] and {r["block"] for r in report["blocks"]["rows"]} == {0, 1, 2}
+
+
+def test_a_pushed_folder_is_diagnosed_like_its_run(cifar_dir, capsys):
+    assert run_cli(train_args(cifar_dir, "p", model_type="dblock", steps=2), capsys)[0] == 0
+    assert run_cli(["push", "logs/p", "--repo_id", "me/p", "--dry_run", "pushed"], capsys)[0] == 0
+    flags = ["--data_dir", cifar_dir, *LOADER]
+    assert run_cli(["diagnose", "cifar100", "--ckpt_path", "logs/p/last.ckpt", *flags, "--output", "from-run"],
+                   capsys)[0] == 0
+    code, _, err = run_cli(["diagnose", "cifar100", "--ckpt_path", "pushed", *flags], capsys)
+    assert code == 0, err
+    pushed = read_report(Path("logs/pushed/diagnostics"))  # a pushed folder stays as pushed: results go to logs/
+    assert pushed["predictions"] == read_report(Path("from-run"))["predictions"]
+    assert not Path("pushed/diagnostics").exists()
