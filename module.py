@@ -171,6 +171,7 @@ class LitClassifier(
         self.test_results: dict[str, float] = {}
         self._due_prefixes: list[str] = []
         self.ema = self.build_ema()
+        self._ema_names: dict[int | None, list[str]] = {}
         self._live_weights: dict[str, torch.Tensor] | None = None  # the raw weights while the averages are scored
         self._step_before_batch = 0
 
@@ -239,9 +240,8 @@ class LitClassifier(
         out = self.block_loss(images, labels, StepIndex(self.global_step, self.global_rank, micro_batch), block)
         self.last_loss = out
         self.watch_finite(out)
-        if self.is_logging_step(self.global_step):
-            self.check_finite()  # before this step's metrics reach the loggers
         if self.is_logging_step(self.global_step):  # Lightning sends only a logging step's values; each log costs
+            self.check_finite()  # before this step's metrics reach the loggers
             self.log_metrics(out)
         return out.loss
 
@@ -339,7 +339,14 @@ class LitClassifier(
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # Average only after a batch that ended with an optimizer step, and only what that step trained.
         if self.ema is not None and self.global_step > self._step_before_batch:
-            self.ema.update(self.ema.names_of(self.objective.trained_parameters(self.model, self.current_block)))
+            self.ema.update(self.ema_names(self.current_block))
+
+    def ema_names(self, block: int | None) -> list[str]:
+        """Names of the parameters a step on `block` trains, in the moving average: listed once per block, not at
+        every step."""
+        if block not in self._ema_names:
+            self._ema_names[block] = self.ema.names_of(self.objective.trained_parameters(self.model, block))
+        return self._ema_names[block]
 
     @property
     def scores_ema(self) -> bool:

@@ -401,12 +401,10 @@ def paper_rows(runs: list[Run]) -> list[dict[str, str]]:
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
-    """A Markdown table with padded columns, readable as plain text too."""
-    cells = [list(COLUMNS)] + [[row[c].replace("|", "\\|") for c in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    """The report's Markdown table, its columns in COLUMNS order."""
+    from diagnose_render import markdown_table as table
+
+    return table(list(COLUMNS), [[row[c] for c in COLUMNS] for row in rows])
 
 
 # ---- curves ---------------------------------------------------------------------------------------

@@ -223,5 +223,7 @@ def test_a_pushed_folder_is_diagnosed_like_its_run(cifar_dir, capsys):
     code, _, err = run_cli(["diagnose", "cifar100", "--ckpt_path", "pushed", *flags], capsys)
     assert code == 0, err
     pushed = read_report(Path("logs/pushed/diagnostics"))  # a pushed folder stays as pushed: results go to logs/
-    assert pushed["predictions"] == read_report(Path("from-run"))["predictions"]
+    from_run = read_report(Path("from-run"))
+    assert pushed["predictions"] == from_run["predictions"]
+    assert pushed["blocks"]["rows"] == from_run["blocks"]["rows"]  # CE and D_x errors at 17 sigmas: the same weights
     assert not Path("pushed/diagnostics").exists()
