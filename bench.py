@@ -197,6 +197,52 @@ def trained_params(v: Variant, block: int) -> list:
     return [*v.model.blocks[block].parameters(), *v.model.shared_parameters()]
 
 
+# ---- aten operators per step --------------------------------------------------------------------
+COMPILED_GRAPH_EVENT = "## Call CompiledFxGraph"  # the profiler's name of one call of a compiled (inductor) graph
+
+
+class OpCounter:
+    """Counts the aten operators the host dispatches while active, through torch.profiler: every outermost aten
+    event (the operators an operator calls inside are not counted again), and the calls of compiled graphs, whose
+    fused kernels are not aten operators. A TorchDispatchMode counts the same eager operators but makes dynamo run
+    a compiled model eagerly, so it cannot count a compiled step."""
+
+    def __init__(self):
+        self.ops = 0
+        self.graph_calls = 0
+        self._profiler = None
+
+    def __enter__(self) -> OpCounter:
+        from torch.profiler import ProfilerActivity, profile
+
+        # Silences kineto's log (level 5, above its errors): its probe for a GPU prints an ERROR line on every
+        # machine without one, and nothing it logs bears on counting CPU events.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+        self._profiler = profile(activities=[ProfilerActivity.CPU], acc_events=True)
+        self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._profiler.__exit__(*exc)
+        events = self._profiler.events()
+        self.ops = sum(1 for e in events if is_aten(e) and not has_aten_caller(e))
+        self.graph_calls = sum(1 for e in events if e.name.startswith(COMPILED_GRAPH_EVENT))
+
+
+def is_aten(event) -> bool:
+    return event.name.startswith("aten::")
+
+
+def has_aten_caller(event) -> bool:
+    """True if an aten operator encloses the profiler event (it runs inside that operator)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if is_aten(parent):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 # ---- one training step --------------------------------------------------------------------------
 class SavedTensorCounter:
     """Bytes autograd saves for backward, each storage counted once in full; parameters' own storages left out."""
@@ -346,20 +392,21 @@ def measure_variant(name: str, configs, num_labels: int, device, timing: Timing)
     import torch
 
     print(f"bench: measuring {name} ...", file=sys.stderr, flush=True)  # a paper-size run takes minutes on CPU
-    with compile_limits(configs):
-        v = build_variant(name, configs, num_labels, device)
-        batch = random_batch(configs, num_labels, device)
-        trainable = v.module.trainable_blocks
-        for i, block in enumerate(trainable):  # every block trained once: all AdamW moments exist (steady state)
-            step_and_clear(v, batch, i, block)
-        for i in range(timing.warmup_steps):
-            step_and_clear(v, batch, i, drawn_block(v, i))
-        memory = max((measure_memory(v, batch, b) for b in trainable), key=lambda m: m["peak_memory_bytes"])
-        steps = range(timing.warmup_steps, timing.warmup_steps + timing.steps)
-        blocks = [drawn_block(v, i) for i in steps]
-        train_times = [timed(functools.partial(step_and_clear, v, batch, i, b), device) for i, b in zip(steps, blocks)]
-        infer_times = infer_times_of(v, batch[0], timing, configs.model.seed) if v.module.covers_all_blocks else []
-        num_parameters = sum(p.numel() for p in v.model.parameters())  # shared (weight-tied) ones counted once
+    fresh_compile_cache(configs)
+    v = build_variant(name, configs, num_labels, device)
+    batch = random_batch(configs, num_labels, device)
+    trainable = v.module.trainable_blocks
+    for i, block in enumerate(trainable):  # every block trained once: all AdamW moments exist (steady state)
+        step_and_clear(v, batch, i, block)
+    for i in range(timing.warmup_steps):
+        step_and_clear(v, batch, i, drawn_block(v, i))
+    memory = max((measure_memory(v, batch, b) for b in trainable), key=lambda m: m["peak_memory_bytes"])
+    steps = range(timing.warmup_steps, timing.warmup_steps + timing.steps)
+    blocks = [drawn_block(v, i) for i in steps]
+    train_times = [timed(functools.partial(step_and_clear, v, batch, i, b), device) for i, b in zip(steps, blocks)]
+    ops = count_step_ops(v, batch, steps.stop)
+    infer_times = infer_times_of(v, batch[0], timing, configs.model.seed) if v.module.covers_all_blocks else []
+    num_parameters = sum(p.numel() for p in v.model.parameters())  # shared (weight-tied) ones counted once
     del v, batch
     gc.collect()
     if device.type == "cuda":
@@ -373,8 +420,17 @@ def measure_variant(name: str, configs, num_labels: int, device, timing: Timing)
         "train_images_per_s": configs.run.batch_size / train_s,
         "infer_images_per_s": configs.run.batch_size / infer_s if infer_s else None,
         "train_blocks": blocks,
+        "ops_per_step": ops.ops,
+        "compiled_graph_calls_per_step": ops.graph_calls,
         "num_parameters": num_parameters,
     }
+
+
+def count_step_ops(v: Variant, batch, step: int) -> OpCounter:
+    """The aten operators (and compiled-graph calls) of training step `step`, an untimed one after the timed steps."""
+    with OpCounter() as counter:
+        step_and_clear(v, batch, step, drawn_block(v, step))
+    return counter
 
 
 def infer_times_of(v: Variant, images, timing: Timing, seed: int) -> list[float]:
@@ -390,14 +446,13 @@ def infer_times_of(v: Variant, images, timing: Timing, seed: int) -> list[float]
     return [timed(lambda: infer(v, images, generator), v.device) for _ in range(timing.steps)]
 
 
-def compile_limits(configs):
-    """Under --compile: a fresh compile cache per variant, with room for one graph per block, train and eval."""
-    if not configs.model.compile_model:
-        return contextlib.nullcontext()
-    import torch
+def fresh_compile_cache(configs) -> None:
+    """Under --compile: forget the graphs compiled for the previous variant, so that each variant compiles (and is
+    timed and counted with) its own."""
+    if configs.model.compile_model:
+        import torch
 
-    torch._dynamo.reset()
-    return torch._dynamo.config.patch(recompile_limit=max(8, 4 * configs.dblock.num_blocks))
+        torch._dynamo.reset()
 
 
 def random_batch(configs, num_labels: int, device):

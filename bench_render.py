@@ -27,12 +27,21 @@ def optional(value: float | None, width: int, spec: str) -> str:
     return f"{'n/a':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
+def ops_note(report: dict) -> str:
+    """What ops/step counts, and under --compile how many compiled-graph calls each step makes."""
+    note = "ops/step: outermost aten operators the host dispatches in one training step (torch.profiler)"
+    if not report["config"]["compile"]:
+        return note
+    calls = ", ".join(f"{name} {report[name].get('compiled_graph_calls_per_step')}" for name in measured(report))
+    return f"{note}; a compiled graph's fused kernels are not aten operators: compiled-graph calls per step {calls}"
+
+
 def format_report(report: dict) -> str:
     """The human-readable table: one row per variant, then the loader and the ratios against the targets."""
     c = report["config"]
     header = (
         f"{'variant':<24}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'peak':>9}"
-        f"{'train s':>10}{'infer s':>10}{'train img/s':>13}{'infer img/s':>13}"
+        f"{'train s':>10}{'infer s':>10}{'train img/s':>13}{'infer img/s':>13}{'ops/step':>10}"
     )
     lines = [
         f"bench {c['data']}: batch {c['batch_size']}, B={c['num_blocks']}{layout_note(c)}{job_note(c)}, "
@@ -53,7 +62,7 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{name:<24}" + "".join(f"{x:>9.1f}" for x in mib)
             + f"{r['train_step_s']:>10.4f}{optional(r['infer_step_s'], 10, '.4f')}{r['train_images_per_s']:>13.1f}"
-            + optional(r["infer_images_per_s"], 13, ".1f")
+            + optional(r["infer_images_per_s"], 13, ".1f") + optional(r.get("ops_per_step"), 10, ",")
         )
     counts = ", ".join(f"{name} {report[name]['num_parameters']:,}" for name in measured(report))
     fastest = report["fastest_train_variant"]
@@ -61,6 +70,7 @@ def format_report(report: dict) -> str:
     lines += [
         "-" * len(header),
         f"parameters: {counts}",
+        ops_note(report),
         f"data loader: {report['loader_images_per_s']:.1f} img/s (train_transform, {c['num_workers']} workers), "
         f"{verdict} the fastest training step ({fastest}, {report[fastest]['train_images_per_s']:.1f} img/s)",
         "",

@@ -24,6 +24,10 @@ from offload import BlockOffloader
 
 MODEL_TYPES = get_args(ModelType)
 EMA_KEY = "ema_state"  # the checkpoint entry holding the moving averages (--ema_decay), beside state_dict
+# Graphs --compile makes of the model's forward for each block (the block index is a Python int, so each block is
+# its own graph): training and scoring (grad mode, and the `denoised` flag), each once more when a smaller last
+# batch makes the batch size dynamic.
+COMPILED_GRAPHS_PER_BLOCK = 4
 GRADIENT_CLIP_VAL = 1.0  # the released recipe's gradient-norm clipping (train's Trainer and bench)
 
 
@@ -132,6 +136,13 @@ class NonFiniteWatch:
         return (step, float(self.loss)) if step >= 0 else None
 
 
+def allow_compiled_graphs(graphs: int) -> None:
+    """Raise dynamo's recompile limit (8 by default) to `graphs` if lower: past the limit it runs the model's forward
+    eagerly, after one warning, for every block and batch size it has not compiled yet."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, graphs)
+
+
 class LitClassifier(
     pl.LightningModule,
     PyTorchModelHubMixin,
@@ -191,6 +202,7 @@ class LitClassifier(
     def compile_once(self) -> None:
         """torch.compile the model under --compile, in place, so state_dict keys (and checkpoints) stay the same."""
         if self.spec.model.compile_model and self.model._compiled_call_impl is None:
+            allow_compiled_graphs(COMPILED_GRAPHS_PER_BLOCK * self.spec.dblock.num_blocks)
             self.model.compile()
 
     @property

@@ -13,7 +13,8 @@ negligible) and `configured` (the flags as given: the paper's model by default).
 Host time per step is the interval between the starts of consecutive steps (Lightning's on_train_batch_start; the
 loop's own top), CUDA work waited for at each mark, so a Trainer's setup and teardown are left out and its per-step
 loop counted in. Variants alternate over rounds (a fresh model each) and the median of every timed interval is
-reported. aten ops per step are counted by a TorchDispatchMode over the same steps in an extra, untimed run.
+reported. aten ops per step are counted by torch.profiler (bench.OpCounter) over the same steps in an extra, untimed
+run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import time
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
 from fileio import write_output
@@ -46,20 +46,8 @@ OPS_TARGET, HOST_TARGET = 1.01, 1.3
 METHOD = (
     "host ms per step: median interval between the starts of consecutive training steps over alternated rounds, "
     "CUDA work waited for at each mark (Lightning's on_train_batch_start for the project, the loop top for bare); "
-    "aten ops per step: TorchDispatchMode over the same steps, untimed run"
+    "aten ops per step: outermost aten events of torch.profiler over the same steps, untimed run"
 )
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every aten operation dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 class StepClock(pl.Callback):
@@ -68,7 +56,7 @@ class StepClock(pl.Callback):
     def __init__(self, first: int, steps: int, device: torch.device, count_ops: bool):
         self.first, self.steps, self.device = first, steps, device
         self.marks: list[float] = []
-        self.ops = OpCounter() if count_ops else None
+        self.ops = bench.OpCounter() if count_ops else None
 
     def tick(self, index: int) -> None:
         """Called at the top of step `index`."""
@@ -93,7 +81,7 @@ class StepClock(pl.Callback):
     @property
     def ops_per_step(self) -> float:
         """Mean aten ops of a counted step."""
-        return self.ops.count / self.steps
+        return self.ops.ops / self.steps
 
 
 def lightning_steps(configs, name: str, num_labels: int, device, batch, clock: StepClock) -> None:
@@ -136,8 +124,8 @@ def bare_steps(configs, name: str, num_labels: int, device, batch, clock: StepCl
 def run_variant(configs, name: str, num_labels: int, device, batch, clock: StepClock) -> StepClock:
     """Step variant `name` under `clock` (Lightning for the project's variants, the plain loop for bare ones)."""
     steps = lightning_steps if name in PROJECT else bare_steps
-    with bench.compile_limits(configs):
-        steps(configs, name, num_labels, device, batch, clock)
+    bench.fresh_compile_cache(configs)
+    steps(configs, name, num_labels, device, batch, clock)
     return clock
 
 

@@ -174,8 +174,31 @@ def test_bench_steps_the_training_module(monkeypatch):
     assert len(optimizers) == len(bench.VARIANTS)
     assert all(o.defaults["lr"] == main_default("lr") and o.defaults["weight_decay"] == main_default("weight_decay")
                for o in optimizers)
-    # vit: memory + timed step; dblock: one step per block to warm up, one measured per block, one timed
-    assert losses.count("vit") == 3 and losses.count("dblock") == 3 * (2 * NUM_BLOCKS + 1)
+    # vit: warmup, memory, timed and counted step; dblock: one step per block to warm up, one measured per block,
+    # one timed, one counted
+    assert losses.count("vit") == 4 and losses.count("dblock") == 3 * (2 * NUM_BLOCKS + 2)
+
+
+def test_op_counter_counts_each_outermost_operator_once():
+    x = torch.ones(4)
+    with bench.OpCounter() as counter:
+        y = x.to(torch.float64)  # aten::to runs aten::_to_copy, which runs empty_strided and copy_: one operator
+        torch.add(y, 1.0).mul_(2.0)
+    assert counter.ops == 3 and counter.graph_calls == 0
+
+
+def test_bench_compile_counts_fewer_operators_than_eager(tiny_run, tmp_path):
+    eager, _, _ = tiny_run
+    out = tmp_path / "compiled.json"
+    code, printed, err = run_bench([*ARCH_FLAGS, *FAST, "--compile", "--output", str(out)])
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["config"]["compile"] is True and "compiled-graph calls per step" in printed
+    for name in bench.VARIANTS:
+        compiled = report[name]
+        assert compiled["train_step_s"] > 0 and compiled["compiled_graph_calls_per_step"] > 0
+        assert eager[name]["compiled_graph_calls_per_step"] == 0
+        assert 0 < compiled["ops_per_step"] < eager[name]["ops_per_step"]
 
 
 def main_default(flag: str):

@@ -227,3 +227,28 @@ def test_a_pushed_folder_is_diagnosed_like_its_run(cifar_dir, capsys):
     assert pushed["predictions"] == from_run["predictions"]
     assert pushed["blocks"]["rows"] == from_run["blocks"]["rows"]  # CE and D_x errors at 17 sigmas: the same weights
     assert not Path("pushed/diagnostics").exists()
+
+
+def test_variants_table_reads_a_diagnosed_run(trained, capsys, monkeypatch, tmp_path):
+    """tools/variants_table.py (docs/variants.md's table) on a real run folder and its default diagnose output."""
+    import importlib.util
+    import shutil
+
+    work, data = trained
+    monkeypatch.chdir(work)
+    assert diagnose(work, data, "logs/dblock/last.ckpt", capsys, "--output", "logs/dblock/diagnostics")[0] == 0
+    run = tmp_path / "pfx-label-smoothing-s7"
+    shutil.copytree(work / "logs/dblock", run)
+    tool = Path(__file__).parents[1] / "tools" / "variants_table.py"
+    spec = importlib.util.spec_from_file_location("variants_table", tool)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    variant, seed, test, sampler, first, flips, *blocks, ece = table.row("pfx", run)
+    acc = read_metrics(run / "metrics.json")["test/acc"]
+    assert (variant, seed, test) == ("label-smoothing", "7", f"{100 * acc:.1f}")
+    assert sampler == test  # the 3-step sampler of diagnose is `test`'s
+    steps = next(r for r in read_report(run / "diagnostics")["sampler"] if r["num_inference_steps"] == 3)["trajectory"]
+    assert first == f"{100 * steps[0]['accuracy']:.1f}"  # block 0 at sigma 80, the image alone
+    wrong_to_right, right_to_wrong = map(int, flips.split(" / "))  # the hand-off from block 0 to block 1
+    assert (wrong_to_right - right_to_wrong) / 120 == pytest.approx(steps[1]["accuracy"] - steps[0]["accuracy"])
+    assert len(blocks) == 3 and all(0 <= float(b) <= 100 for b in blocks) and 0 <= float(ece) <= 1

@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 exclude="$(git rev-parse --git-common-dir)/info/exclude"
 grep -qx "/.whl/" "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"
-# jsonargparse[signatures] and its needs, at the versions uv.lock pins.
+# jsonargparse[signatures] and its needs, and setuptools (inductor imports it to build C++ kernels), at the versions
+# uv.lock pins.
 wheels=()
-for name in jsonargparse docstring-parser typeshed-client; do
+for name in jsonargparse docstring-parser typeshed-client setuptools; do
   wheels+=("$name==$(uv run --locked python -c "import importlib.metadata as m; print(m.version('$name'))")")
 done
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -3,7 +3,8 @@
 # normalised bridge, on the digits task and budget of docs/independent-blocks.md (joint DiffusionBlocks training,
 # 60 x 3 epochs). Usage: [PREFIX=name] [EPOCHS=60] [VARIANTS="default mse ..."] bash tools/variants.sh [SEED...]
 # (seeds 1 2 by default). Run folders: logs/<PREFIX>-<variant>-s<seed>; the report table: logs/<PREFIX>-table.md;
-# with `main.py diagnose` available, each run's diagnostics/ folder too.
+# with `main.py diagnose` available, each run's diagnostics/ folder too, and docs/variants.md's table of them:
+# logs/<PREFIX>-diagnose-table.md.
 set -euo pipefail
 if [ "$#" -eq 0 ]; then set -- 1 2; fi
 seeds=("$@")
@@ -49,3 +50,6 @@ for seed in "${seeds[@]}"; do
   done
 done
 uv run main.py report "${runs[@]}" --output "logs/$prefix-table.md"
+if $diagnose; then  # docs/variants.md's table: the final test and the diagnose figures of every run
+  uv run python tools/variants_table.py "$prefix" "${runs[@]}" | tee "logs/$prefix-diagnose-table.md"
+fi
