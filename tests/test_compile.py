@@ -91,7 +91,8 @@ def test_train_compile_compiles_every_graph_train_makes(cifar_dir, capsys):
     the rest eagerly."""
     torch._dynamo.reset()
     counters.clear()
-    args = train_args(cifar_dir, "compiled", "--compile", "--num_blocks", str(NUM_BLOCKS), model_type="dblock")
+    args = train_args(cifar_dir, "compiled", "--compile", "--num_blocks", str(NUM_BLOCKS), "--num_hidden_layers",
+                      str(NUM_BLOCKS), model_type="dblock")
     steps_flag = args.index("--max_steps")
     del args[steps_flag:steps_flag + 2]
     # 32 training images in steps of 10 (the last 2 dropped), 12 test images: batches of 10 and 2.
