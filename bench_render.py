@@ -32,7 +32,7 @@ def ops_note(report: dict) -> str:
     note = "ops/step: outermost aten operators the host dispatches in one training step (torch.profiler)"
     if not report["config"]["compile"]:
         return note
-    calls = ", ".join(f"{name} {report[name].get('compiled_graph_calls_per_step')}" for name in measured(report))
+    calls = ", ".join(f"{name} {report[name]['compiled_graph_calls_per_step']}" for name in measured(report))
     return f"{note}; a compiled graph's fused kernels are not aten operators: compiled-graph calls per step {calls}"
 
 
@@ -62,7 +62,7 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{name:<24}" + "".join(f"{x:>9.1f}" for x in mib)
             + f"{r['train_step_s']:>10.4f}{optional(r['infer_step_s'], 10, '.4f')}{r['train_images_per_s']:>13.1f}"
-            + optional(r["infer_images_per_s"], 13, ".1f") + optional(r.get("ops_per_step"), 10, ",")
+            + optional(r["infer_images_per_s"], 13, ".1f") + f"{r['ops_per_step']:>10,}"
         )
     counts = ", ".join(f"{name} {report[name]['num_parameters']:,}" for name in measured(report))
     fastest = report["fastest_train_variant"]

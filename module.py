@@ -25,8 +25,8 @@ from offload import BlockOffloader
 MODEL_TYPES = get_args(ModelType)
 EMA_KEY = "ema_state"  # the checkpoint entry holding the moving averages (--ema_decay), beside state_dict
 # Graphs --compile makes of the model's forward for each block (the block index is a Python int, so each block is
-# its own graph): training and scoring (grad mode, and the `denoised` flag), each once more when a smaller last
-# batch makes the batch size dynamic.
+# its own graph): training and scoring (grad mode on and off), each once more when a smaller last batch makes the
+# batch size dynamic.
 COMPILED_GRAPHS_PER_BLOCK = 4
 GRADIENT_CLIP_VAL = 1.0  # the released recipe's gradient-norm clipping (train's Trainer and bench)
 

@@ -32,11 +32,13 @@ def row(prefix: str, folder: Path) -> list[str]:
             f"{second['wrong_to_right']} / {second['right_to_wrong']}", *blocks, f"{diag['calibration']['ece']:.3f}"]
 
 
+LEADING_COLUMNS = ["variant", "seed", "test %", f"{SAMPLER_STEPS}-step sampler %", "step 1 %", "flips at step 2"]
+
+
 def main(prefix: str, folders: list[str]) -> None:
     rows = [row(prefix, Path(f)) for f in folders]
-    num_blocks = len(rows[0]) - 7
-    header = ["variant", "seed", "test %", f"{SAMPLER_STEPS}-step sampler %", "step 1 %", "flips at step 2",
-              *(f"block {b}" for b in range(num_blocks)), "ECE"]
+    num_blocks = len(rows[0]) - len(LEADING_COLUMNS) - 1  # the block columns sit between these and the ECE
+    header = [*LEADING_COLUMNS, *(f"block {b}" for b in range(num_blocks)), "ECE"]
     for cells in [header, ["---"] * len(header), *rows]:
         print("| " + " | ".join(cells) + " |")
 
